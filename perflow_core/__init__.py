@@ -1,0 +1,1 @@
+"""PeRFlow (Piecewise Rectified Flow, arXiv 2405.07510) math in pure torch: no ComfyUI import."""

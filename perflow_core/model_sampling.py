@@ -1,0 +1,80 @@
+"""PeRFlow as a ComfyUI model-sampling object, with sigma := t in [0, 1] (t = 1 is pure noise)."""
+
+import torch
+
+from .noising import straight_line_latent
+from .parameterization import check_parameterization, velocity
+from .schedule import sd_alphas_cumprod
+from .windows import NUM_TRAIN_TIMESTEPS
+
+
+class PeRFlowModelSampling(torch.nn.Module):
+    """ComfyUI's model-sampling protocol for a PeRFlow model.
+
+    The network gets the raw latent and timestep t*1000 (SP scale_model_input is the identity); "denoised" is
+    x - t*v, so that (x - denoised)/t is PeRFlow's velocity v and a plain Euler step is the published step.
+    Deliberately not ComfyUI's CONST class: samplers branch on that for rectified-flow SDE behaviour.
+
+    Args:
+        parameterization: "diff_eps", "ddim_eps" or "velocity".
+        num_windows: K, the number of equal time windows.
+        alphas_cumprod: the base model's 1000-entry noise table; None means Stable Diffusion's.
+    """
+
+    def __init__(self, parameterization: str, num_windows: int = 4, alphas_cumprod: torch.Tensor | None = None):
+        super().__init__()
+        check_parameterization(parameterization)
+        if not isinstance(num_windows, int) or not 1 <= num_windows <= NUM_TRAIN_TIMESTEPS:
+            raise ValueError(f"num_windows must be an integer in 1..{NUM_TRAIN_TIMESTEPS}, got {num_windows!r}")
+        ac = sd_alphas_cumprod() if alphas_cumprod is None else torch.as_tensor(alphas_cumprod, dtype=torch.float32)
+        if ac.shape != (NUM_TRAIN_TIMESTEPS,) or not torch.isfinite(ac).all() or not ((ac > 0) & (ac < 1)).all():
+            raise ValueError(f"alphas_cumprod must hold {NUM_TRAIN_TIMESTEPS} finite values in (0, 1)")
+        self.parameterization = parameterization
+        self.num_windows = num_windows
+        self.sigma_data = 1.0
+        self.register_buffer("alphas_cumprod", ac.clone())
+        self.register_buffer(
+            "sigmas", torch.arange(1, NUM_TRAIN_TIMESTEPS + 1, dtype=torch.float32) / NUM_TRAIN_TIMESTEPS
+        )
+
+    @property
+    def sigma_min(self) -> torch.Tensor:
+        return self.sigmas[0]
+
+    @property
+    def sigma_max(self) -> torch.Tensor:
+        return self.sigmas[-1]
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        return sigma * NUM_TRAIN_TIMESTEPS  # the network sees t*1000, 1000 at t = 1
+
+    def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(torch.as_tensor(timestep, dtype=torch.float32) / NUM_TRAIN_TIMESTEPS, 0.0, 1.0)
+
+    def percent_to_sigma(self, percent: float) -> float:
+        if percent <= 0.0:
+            return 1.0
+        if percent >= 1.0:
+            return 0.0
+        return 1.0 - percent
+
+    def calculate_input(self, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return noise
+
+    def calculate_denoised(
+        self, sigma: torch.Tensor, model_output: torch.Tensor, model_input: torch.Tensor
+    ) -> torch.Tensor:
+        v = velocity(self.parameterization, model_output, model_input, sigma, self.alphas_cumprod, self.num_windows)
+        s = sigma.reshape(sigma.shape[:1] + (1,) * (model_input.ndim - 1)) if sigma.ndim else sigma
+        return model_input - s * v  # straight-line extrapolation to t = 0
+
+    def noise_scaling(self, sigma, noise, latent_image, max_denoise=False) -> torch.Tensor:
+        if max_denoise:  # text-to-image: the published pipelines start from plain randn (init_noise_sigma = 1)
+            return noise
+        return straight_line_latent(latent_image, noise, sigma, self.alphas_cumprod, self.num_windows)
+
+    def inverse_noise_scaling(self, sigma, latent) -> torch.Tensor:
+        return latent
+
+    def extra_repr(self) -> str:
+        return f"parameterization={self.parameterization}, num_windows={self.num_windows}"

@@ -1,0 +1,35 @@
+"""Time windows: PeRFlow cuts t in [0, 1] (t = 1 is noise) into K equal windows, noisiest first."""
+
+import torch
+
+NUM_TRAIN_TIMESTEPS = 1000
+# Published lookup tolerance: (t - 0.1 * precision) <= window_end moves on to the next window (SP Time_Windows).
+_LOOKUP_SLACK = 0.1 / NUM_TRAIN_TIMESTEPS
+
+
+def time_windows(num_windows: int) -> tuple[list[float], list[float]]:
+    """Window starts and ends, e.g. K=4: starts [1, .75, .5, .25], ends [.75, .5, .25, 0] (SP Time_Windows)."""
+    if not isinstance(num_windows, int) or num_windows < 1:
+        raise ValueError(f"num_windows must be a positive integer, got {num_windows!r}")
+    starts = [1.0 * i / num_windows for i in range(1, num_windows + 1)][::-1]
+    return starts, starts[1:] + [0.0]
+
+
+def window_index(t: torch.Tensor, num_windows: int) -> torch.Tensor:
+    """Index of the window holding each t; a boundary t belongs to the window that starts there (t=.75 -> [.75,.5])."""
+    _, ends = time_windows(num_windows)
+    t = torch.as_tensor(t)
+    inner_ends = torch.tensor(ends[:-1], dtype=t.dtype if t.is_floating_point() else torch.float32, device=t.device)
+    return ((t - _LOOKUP_SLACK).unsqueeze(-1) <= inner_ends).sum(-1)
+
+
+def window_of(t: torch.Tensor, num_windows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t_start, t_end) of the window holding each t, same shape and dtype as t."""
+    starts, ends = time_windows(num_windows)
+    t = torch.as_tensor(t)
+    idx = window_index(t, num_windows)
+    dtype = t.dtype if t.is_floating_point() else torch.float32
+    return (
+        torch.tensor(starts, dtype=dtype, device=t.device)[idx],
+        torch.tensor(ends, dtype=dtype, device=t.device)[idx],
+    )
