@@ -4,7 +4,9 @@ comfy, nodes, execution and folder_paths are imported inside functions only, aft
 """
 
 import asyncio
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 import uuid
@@ -42,6 +44,7 @@ def setup_comfyui() -> Path:
     import folder_paths
 
     base = Path(tempfile.mkdtemp(prefix="perflow-comfy-"))
+    atexit.register(shutil.rmtree, base, ignore_errors=True)
     folder_paths.models_dir = str(base / "models")
     for name, (_, exts) in list(folder_paths.folder_names_and_paths.items()):
         if name not in ("configs", "custom_nodes"):
