@@ -135,5 +135,6 @@ def checkpoint_path(family: str, seed: int = 0, dtype: str = "float16") -> Path:
     fd, tmp = tempfile.mkstemp(dir=CACHE_DIR, suffix=".partial")
     os.close(fd)
     save_file(sd, tmp, metadata={"perflow_test": key})
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is shared between sessions
     os.replace(tmp, path)
     return path
