@@ -80,10 +80,10 @@ def core_loop(model, conds, latent, parameterization="diff_eps", steps=STEPS, cf
     noise = comfy.sample.prepare_noise(latent["samples"], SEED)
     x0 = base.process_latent_in(latent["samples"]) if latent["samples"].abs().sum() > 0 else latent["samples"]
     x = noise if denoise == 1.0 else straight_line_latent(x0, noise, sigmas[0], ac, 4)
-    context = [c[0][0].to(x.dtype) for c in conds]
+    context = torch.cat([c[0][0] for c in conds])  # cond and uncond in one batch, as ComfyUI runs them
     with torch.no_grad():
         for t, t_next in zip(sigmas[:-1], sigmas[1:], strict=True):
-            eps_c, eps_u = (unet(x, (t * 1000).reshape(1), context=ctx).float() for ctx in context)
+            eps_c, eps_u = unet(torch.cat([x, x]), (t * 1000).repeat(2), context=context).float().chunk(2)
             v = velocity(parameterization, eps_u + cfg * (eps_c - eps_u), x, t.reshape(1), ac, 4)
             x = x + (t_next - t) * v
     return base.process_latent_out(x)
