@@ -3,7 +3,7 @@
 import torch
 
 from .noising import straight_line_latent
-from .parameterization import check_parameterization, velocity
+from .parameterization import velocity_from_table, window_table
 from .schedule import sd_alphas_cumprod
 from .windows import NUM_TRAIN_TIMESTEPS
 
@@ -23,7 +23,6 @@ class PeRFlowModelSampling(torch.nn.Module):
 
     def __init__(self, parameterization: str, num_windows: int = 4, alphas_cumprod: torch.Tensor | None = None):
         super().__init__()
-        check_parameterization(parameterization)
         if not isinstance(num_windows, int) or not 1 <= num_windows <= NUM_TRAIN_TIMESTEPS:
             raise ValueError(f"num_windows must be an integer in 1..{NUM_TRAIN_TIMESTEPS}, got {num_windows!r}")
         ac = sd_alphas_cumprod() if alphas_cumprod is None else torch.as_tensor(alphas_cumprod, dtype=torch.float32)
@@ -33,6 +32,7 @@ class PeRFlowModelSampling(torch.nn.Module):
         self.num_windows = num_windows
         self.sigma_data = 1.0
         self.register_buffer("alphas_cumprod", ac.clone())
+        self.register_buffer("window_table", window_table(parameterization, ac, num_windows))
         self.register_buffer(
             "sigmas", torch.arange(1, NUM_TRAIN_TIMESTEPS + 1, dtype=torch.float32) / NUM_TRAIN_TIMESTEPS
         )
@@ -64,9 +64,9 @@ class PeRFlowModelSampling(torch.nn.Module):
     def calculate_denoised(
         self, sigma: torch.Tensor, model_output: torch.Tensor, model_input: torch.Tensor
     ) -> torch.Tensor:
-        v = velocity(self.parameterization, model_output, model_input, sigma, self.alphas_cumprod, self.num_windows)
+        v = velocity_from_table(self.window_table, self.parameterization, model_output, model_input, sigma)
         s = sigma.reshape(sigma.shape[:1] + (1,) * (model_input.ndim - 1)) if sigma.ndim else sigma
-        return model_input - s * v  # straight-line extrapolation to t = 0
+        return torch.addcmul(model_input, v, -s.to(v.dtype))  # x - t v: straight-line extrapolation to t = 0
 
     def noise_scaling(self, sigma, noise, latent_image, max_denoise=False) -> torch.Tensor:
         if max_denoise:  # text-to-image: the published pipelines start from plain randn (init_noise_sigma = 1)

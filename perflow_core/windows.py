@@ -1,5 +1,7 @@
 """Time windows: PeRFlow cuts t in [0, 1] (t = 1 is noise) into K equal windows, noisiest first."""
 
+from functools import lru_cache
+
 import torch
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -17,10 +19,15 @@ def time_windows(num_windows: int) -> tuple[list[float], list[float]]:
 
 def window_index(t: torch.Tensor, num_windows: int) -> torch.Tensor:
     """Index of the window holding each t; a boundary t belongs to the window that starts there (t=.75 -> [.75,.5])."""
-    _, ends = time_windows(num_windows)
     t = torch.as_tensor(t)
-    inner_ends = torch.tensor(ends[:-1], dtype=t.dtype if t.is_floating_point() else torch.float32, device=t.device)
+    inner_ends = _inner_ends(num_windows, t.dtype if t.is_floating_point() else torch.float32, t.device)
     return ((t - _LOOKUP_SLACK).unsqueeze(-1) <= inner_ends).sum(-1)
+
+
+@lru_cache(maxsize=64)
+def _inner_ends(num_windows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Window ends except the final 0, as a tensor (cached: the sampler looks windows up every step)."""
+    return torch.tensor(time_windows(num_windows)[1][:-1], dtype=dtype, device=device)
 
 
 def window_of(t: torch.Tensor, num_windows: int) -> tuple[torch.Tensor, torch.Tensor]:

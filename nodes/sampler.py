@@ -1,0 +1,83 @@
+"""PeRFlow Scheduler and Sampler nodes, and the 'perflow' entries in the stock sampler/scheduler dropdowns."""
+
+import logging
+
+from ..perflow_core.model_sampling import PeRFlowModelSampling
+from ..perflow_core.sampling import sample_perflow
+from ..perflow_core.schedule import perflow_sigmas
+from .model_sampling import ADD_SAMPLING_HINT, CATEGORY, perflow_model_sampling
+
+log = logging.getLogger("perflow")
+
+
+def scheduler_sigmas(model_sampling, steps: int):
+    """The stock-scheduler handler: PeRFlow's schedule for a PeRFlow-patched model, a clear error otherwise."""
+    if not isinstance(model_sampling, PeRFlowModelSampling):
+        raise ValueError(f"The 'perflow' scheduler needs a PeRFlow model; {ADD_SAMPLING_HINT}.")
+    return perflow_sigmas(steps, model_sampling.num_windows)
+
+
+def register_sampler_and_scheduler() -> None:
+    """Add 'perflow' to KSampler's sampler and scheduler lists (idempotent)."""
+    import comfy.k_diffusion.sampling as kds
+    import comfy.samplers as cs
+
+    kds.sample_perflow = sample_perflow  # ksampler("perflow") looks up sample_perflow here
+    for names in (cs.KSAMPLER_NAMES, cs.SAMPLER_NAMES):
+        if "perflow" not in names:
+            names.append("perflow")
+    if not hasattr(cs, "SCHEDULER_HANDLERS"):
+        log.warning("PeRFlow: this ComfyUI has no SCHEDULER_HANDLERS; use the PeRFlow Scheduler node instead.")
+        return
+    if "perflow" not in cs.SCHEDULER_HANDLERS:
+        cs.SCHEDULER_HANDLERS["perflow"] = cs.SchedulerHandler(scheduler_sigmas, use_ms=True)
+    if "perflow" not in cs.SCHEDULER_NAMES:
+        cs.SCHEDULER_NAMES.append("perflow")
+
+
+class PeRFlowScheduler:
+    DESCRIPTION = (
+        "PeRFlow's step schedule (the published set_timesteps): steps spread over the model's time windows, "
+        "noisiest windows first. Steps below the window count are raised to it. denoise < 1 keeps the tail of a "
+        "longer schedule, as ComfyUI's schedulers do, for img2img."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("SIGMAS",)
+    OUTPUT_TOOLTIPS = ("Descending PeRFlow times t (1 = noise) ending in 0.",)
+    FUNCTION = "get_sigmas"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "A PeRFlow model; its time windows set the schedule."}),
+                "steps": (
+                    "INT",
+                    {"default": 4, "min": 1, "max": 1000, "tooltip": "Sampling steps; one per window is enough."},
+                ),
+                "denoise": (
+                    "FLOAT",
+                    {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Below 1 for img2img."},
+                ),
+            }
+        }
+
+    def get_sigmas(self, model, steps, denoise):
+        return (perflow_sigmas(steps, perflow_model_sampling(model).num_windows, denoise),)
+
+
+class PeRFlowSampler:
+    DESCRIPTION = "The PeRFlow sampler: one straight-line (Euler) step per schedule entry, exactly the published step."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("SAMPLER",)
+    OUTPUT_TOOLTIPS = ("A sampler for SamplerCustom / SamplerCustomAdvanced.",)
+    FUNCTION = "get_sampler"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def get_sampler(self):
+        import comfy.samplers
+
+        return (comfy.samplers.KSAMPLER(sample_perflow),)
