@@ -2,10 +2,11 @@
 
 import logging
 
-import checkpoints
-import comfy_env
 import pytest
 import torch
+
+import checkpoints
+import comfy_env
 
 PROMPT = "a photo of a cat"
 
