@@ -2,12 +2,15 @@
 
 import logging
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-from .nodes.sampler import register_sampler_and_scheduler
+# pytest imports this file on its own (no parent package) when the checkout's folder name is not an identifier,
+# e.g. ComfyUI-PeRFlow; only a package import (ComfyUI's) wires up the nodes.
+if __package__:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    from .nodes.sampler import register_sampler_and_scheduler
 
-try:
-    register_sampler_and_scheduler()
-except (ImportError, AttributeError) as e:  # an older or changed ComfyUI: the dedicated nodes still work
-    logging.getLogger("perflow").warning("PeRFlow: could not add 'perflow' to the KSampler lists: %s", e)
+    try:
+        register_sampler_and_scheduler()
+    except (ImportError, AttributeError) as e:  # an older or changed ComfyUI: the dedicated nodes still work
+        logging.getLogger("perflow").warning("PeRFlow: could not add 'perflow' to the KSampler lists: %s", e)
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+    __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

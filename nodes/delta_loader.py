@@ -1,0 +1,186 @@
+"""PeRFlow Delta Loader node: applies a PeRFlow delta, merged model or LoRA to any model of the same family."""
+
+import logging
+import os
+
+import torch
+
+from ..perflow_core.delta_keys import (
+    ARCH_NAMES,
+    WeightFile,
+    diffusers_key_map,
+    guess_architecture,
+    ldm_key_map,
+    mismatch_error,
+    plan_keys,
+    plan_kohya,
+    read_weight_file,
+    resolve_num_windows,
+    resolve_parameterization,
+)
+from ..perflow_core.parameterization import PARAMETERIZATIONS
+from ..perflow_core.safetensors_file import DeltaFileError
+from .model_sampling import CATEGORY, with_perflow_sampling
+
+log = logging.getLogger("perflow")
+FOLDER = "perflow"
+LORA_PREFIX = "loras/"
+EXTENSIONS = {".safetensors", ".sft"}
+
+
+def register_folder() -> None:
+    """Register models/perflow (safetensors only); idempotent."""
+    import folder_paths
+
+    folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER), is_default=True)
+    paths, _ = folder_paths.folder_names_and_paths[FOLDER]
+    folder_paths.folder_names_and_paths[FOLDER] = (paths, EXTENSIONS)
+
+
+def file_choices() -> list[str]:
+    """Files in models/perflow, then safetensors files in models/loras shown as 'loras/<name>'."""
+    import folder_paths
+
+    register_folder()
+    loras = [n for n in folder_paths.get_filename_list("loras") if os.path.splitext(n)[1] in EXTENSIONS]
+    return folder_paths.get_filename_list(FOLDER) + [LORA_PREFIX + n for n in loras]
+
+
+def resolve_path(name: str) -> str:
+    """Full path of a dropdown choice."""
+    import folder_paths
+
+    register_folder()
+    if name.startswith(LORA_PREFIX):
+        return folder_paths.get_full_path_or_raise("loras", name[len(LORA_PREFIX) :])
+    return folder_paths.get_full_path_or_raise(FOLDER, name)
+
+
+def weight_patches(model, wf: WeightFile) -> tuple[dict, str]:
+    """(model key -> patch, model architecture) for ComfyUI's add_patches; DeltaFileError if anything does not fit."""
+    import comfy.lora
+    import comfy.utils
+
+    msd = model.model_state_dict()  # the unpatched weights, by reference
+    model_shapes = {k: tuple(v.shape) for k, v in msd.items() if k.startswith("diffusion_model.")}
+    model_arch = guess_architecture(model_shapes)
+    shapes = {k: tuple(t.shape) for k, t in wf.tensors.items()}
+    if wf.format == "kohya_lora":
+        key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+        plan = plan_kohya(shapes, key_map, model_shapes)
+    elif wf.format.startswith("diffusers"):
+        unet_config = model.model.model_config.unet_config
+        plan = plan_keys(
+            shapes, diffusers_key_map(list(shapes), comfy.utils.unet_to_diffusers(unet_config)), model_shapes
+        )
+    else:
+        plan = plan_keys(shapes, ldm_key_map(list(shapes)), model_shapes)
+    if not plan.ok:
+        raise mismatch_error(wf.path, plan, wf.architecture, model_arch)
+    if wf.format == "kohya_lora":
+        patches = comfy.lora.load_lora(wf.tensors, key_map)
+        if set(patches) != set(plan.pairs.values()):
+            raise DeltaFileError(
+                wf.path, f"ComfyUI turned {len(patches)} of {len(plan.pairs)} LoRA modules into patches", "report this"
+            )
+        return patches, model_arch
+    patches = {}
+    for fkey, mkey in plan.pairs.items():
+        t = wf.tensors.pop(fkey)  # one tensor at a time: a merged file becomes its own delta in place
+        if wf.format.endswith("merged"):
+            t = (t.float() - msd[mkey].to(device="cpu", dtype=torch.float32)).to(t.dtype)
+        patches[mkey] = ("diff", (t,))
+    return patches, model_arch
+
+
+def load_delta(model, path: str, strength: float, parameterization: str, num_windows: int):
+    """(patched clone with PeRFlow sampling, summary); the input model is never modified."""
+    wf = read_weight_file(path)
+    log.info("PeRFlow: %s is a %s file (%s)", os.path.basename(path), wf.format, ARCH_NAMES[wf.architecture])
+    try:
+        param, p_note = resolve_parameterization(parameterization, wf.format, wf.architecture, wf.metadata)
+    except ValueError as e:
+        raise DeltaFileError(path, str(e), "choose diff_eps, ddim_eps or velocity") from None
+    windows, w_note = resolve_num_windows(num_windows, wf.metadata)
+    for note in (p_note, w_note):
+        if note:
+            log.warning("PeRFlow: %s: %s", os.path.basename(path), note)
+    if wf.format.endswith("merged"):
+        log.warning(
+            "PeRFlow: %s is a merged model; dW = merged - connected model is exact only for the base it "
+            "was merged from",
+            os.path.basename(path),
+        )
+    patches, model_arch = weight_patches(model, wf)
+    patched = model.clone()
+    accepted = patched.add_patches(patches, strength)
+    if len(accepted) != len(patches):
+        raise DeltaFileError(path, f"ComfyUI accepted {len(accepted)} of {len(patches)} patches", "report this")
+    summary = (
+        f"{os.path.basename(path)}: {wf.format}, {ARCH_NAMES[wf.architecture]} file on {ARCH_NAMES[model_arch]} "
+        f"model; {len(accepted)} weights patched at strength {strength:g}; parameterization {param}, "
+        f"{windows} windows"
+    )
+    if wf.metadata is not None:
+        summary += f"; trained on base {wf.metadata.base_hash[:12]}"
+    log.info("PeRFlow: %s", summary)
+    return with_perflow_sampling(patched, param, windows), summary
+
+
+class PeRFlowDeltaLoader:
+    DESCRIPTION = (
+        "Turns an SD1.5 / SD2.1 / SDXL model (base or fine-tune) into a few-step PeRFlow model: adds strength * dW "
+        "through ComfyUI's own weight patches and sets PeRFlow model sampling. Reads PeRFlow delta files, the "
+        "published diffusers-format delta, merged PeRFlow UNets (dW = merged - connected model) and kohya LoRAs. "
+        "Refuses files that do not fit the model (nothing applied) and pickle files (.ckpt/.pt/.bin)."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("model", "summary")
+    OUTPUT_TOOLTIPS = (
+        "The model with the PeRFlow weights and model sampling; the input model is left unchanged.",
+        "What was detected and applied: format, architecture, weights patched, parameterization, windows.",
+    )
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The base model or fine-tune (same family as the PeRFlow file)."}),
+                "delta_name": (
+                    file_choices(),
+                    {"tooltip": "A .safetensors file in models/perflow, or in models/loras (shown as loras/...)."},
+                ),
+                "strength": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": -2.0,
+                        "max": 2.0,
+                        "step": 0.05,
+                        "tooltip": "Scale of the weight difference: W + strength * dW (1.0 = as trained).",
+                    },
+                ),
+                "parameterization": (
+                    ["auto", *PARAMETERIZATIONS],
+                    {
+                        "default": "auto",
+                        "tooltip": "auto: from the file's metadata (our deltas win over any choice), diff_eps for "
+                        "the published SD1.5 delta. Published SDXL: ddim_eps, SD2.1: velocity.",
+                    },
+                ),
+                "num_windows": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 16,
+                        "tooltip": "Time windows K; 0 = from the file's metadata, else 4 (the published models).",
+                    },
+                ),
+            }
+        }
+
+    def load(self, model, delta_name, strength, parameterization, num_windows):
+        return load_delta(model, resolve_path(delta_name), strength, parameterization, num_windows)

@@ -1,0 +1,227 @@
+"""Which kind of weight file this is, which architecture it is for, and how its keys land on a model's keys."""
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .delta_format import FORMAT_NAME, DeltaMetadata
+from .parameterization import PARAMETERIZATIONS
+from .safetensors_file import DeltaFileError, Header, iter_tensors, read_header
+
+FORMATS = ("perflow_delta", "diffusers_delta", "diffusers_merged", "ldm_delta", "ldm_merged", "kohya_lora")
+# attn2.to_k input width = the text-encoder context size of each family.
+CONTEXT_DIM_ARCH = {768: "sd15", 1024: "sd21", 2048: "sdxl"}
+ARCH_NAMES = {"sd15": "SD1.5", "sd21": "SD2.1", "sdxl": "SDXL", "toy": "toy", "unknown": "an unknown architecture"}
+LDM_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+_DIFFUSERS_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in.", "conv_out.", "time_embedding.")
+_KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
+_MERGED_NORM_MEAN = 0.5  # norm weights sit near 1 in a model and near 0 in a difference of two models
+
+
+def _unet_prefix(key: str) -> str:
+    return next((p for p in LDM_PREFIXES if key.startswith(p)), "")
+
+
+def key_style(keys: list[str], metadata: dict[str, str]) -> str:
+    """'perflow_delta', 'kohya_lora', 'diffusers' or 'ldm' from key names and metadata; ValueError otherwise."""
+    if metadata.get("perflow_format") == FORMAT_NAME:
+        return "perflow_delta"
+    if any(k.startswith("lora_unet_") for k in keys):
+        return "kohya_lora"
+    if any(k.startswith(LDM_PREFIXES) for k in keys):
+        return "ldm"
+    if any(k.removeprefix("unet.").startswith(_DIFFUSERS_ROOTS) for k in keys):
+        return "diffusers"
+    raise ValueError(
+        f"unrecognised key names (e.g. {', '.join(sorted(keys)[:3])}); expected a PeRFlow delta, diffusers UNet, "
+        "LDM/ComfyUI UNet or kohya LoRA (lora_unet_*) file"
+    )
+
+
+def keeps_key(style: str) -> Callable[[str], bool]:
+    """Filter for the UNet tensors of a file (a full checkpoint's VAE/CLIP and a LoRA's text-encoder are skipped)."""
+    if style == "ldm":
+        return lambda k: k.startswith(LDM_PREFIXES)
+    if style == "kohya_lora":
+        return lambda k: k.startswith("lora_unet_")
+    return lambda k: True
+
+
+def looks_merged(tensors: dict[str, torch.Tensor]) -> bool:
+    """True when normalization weights average near 1 (a full model); near 0 (or none found) means a delta."""
+    means = [
+        t.float().mean().item() for k, t in tensors.items() if t.ndim == 1 and k.endswith("weight") and _is_norm(k)
+    ]
+    return bool(means) and sorted(means)[len(means) // 2] > _MERGED_NORM_MEAN
+
+
+def _is_norm(key: str) -> bool:
+    parts = key.split(".")
+    return any("norm" in p for p in parts) or ".in_layers.0." in key or ".out_layers.0." in key
+
+
+def detect_format(style: str, tensors: dict[str, torch.Tensor]) -> str:
+    """One of FORMATS, from the key style and (for diffusers/LDM keys) the weight statistics."""
+    if style in ("perflow_delta", "kohya_lora"):
+        return style
+    return f"{style}_{'merged' if looks_merged(tensors) else 'delta'}"
+
+
+def guess_architecture(shapes: dict[str, tuple[int, ...]]) -> str:
+    """'sd15', 'sd21' or 'sdxl' from the attn2.to_k input width (768/1024/2048); 'unknown' otherwise."""
+    for key, shape in shapes.items():
+        flat = key.replace("_", ".")
+        if "attn2.to.k." in flat and "lora.up" not in flat and key.endswith("weight") and len(shape) == 2:
+            return CONTEXT_DIM_ARCH.get(shape[1], "unknown")
+    return "unknown"
+
+
+def ldm_key_map(keys: list[str]) -> dict[str, str]:
+    """LDM/ComfyUI keys (with either prefix) -> the model's 'diffusion_model.' keys."""
+    return {k: "diffusion_model." + k.removeprefix(_unet_prefix(k)) for k in keys}
+
+
+def diffusers_key_map(keys: list[str], unet_to_diffusers: dict[str, str]) -> dict[str, str]:
+    """diffusers keys (optionally 'unet.'-prefixed) -> model keys, via ComfyUI's unet_to_diffusers table."""
+    return {
+        k: "diffusion_model." + unet_to_diffusers[k.removeprefix("unet.")]
+        for k in keys
+        if k.removeprefix("unet.") in unet_to_diffusers
+    }
+
+
+@dataclass
+class KeyPlan:
+    """Accepted (file key -> model key) pairs and what does not fit."""
+
+    pairs: dict[str, str] = field(default_factory=dict)
+    unmapped: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.pairs) and not self.unmapped and not self.mismatched
+
+
+def plan_keys(
+    shapes: dict[str, tuple[int, ...]], key_map: dict[str, str], model_shapes: dict[str, tuple[int, ...]]
+) -> KeyPlan:
+    """Every file key must map to a distinct model key of the same shape (SD1.5 and SD2.1 differ only in shapes)."""
+    plan, taken = KeyPlan(), set()
+    for key in sorted(shapes):
+        target = key_map.get(key)
+        if target not in model_shapes or target in taken:
+            plan.unmapped.append(key)
+        elif tuple(model_shapes[target]) != tuple(shapes[key]):
+            plan.mismatched.append((key, tuple(shapes[key]), tuple(model_shapes[target])))
+        else:
+            plan.pairs[key] = target
+            taken.add(target)
+    return plan
+
+
+def plan_kohya(
+    shapes: dict[str, tuple[int, ...]], key_map: dict[str, str], model_shapes: dict[str, tuple[int, ...]]
+) -> KeyPlan:
+    """LoRA modules (lora_down/lora_up/alpha) -> model weights; up@down must give the weight's out x in size."""
+    modules: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, shape in shapes.items():
+        name, _, part = key.partition(".")
+        modules.setdefault(name, {})[part] = shape
+    plan = KeyPlan()
+    for name in sorted(modules):
+        parts, target = modules[name], key_map.get(name)
+        down, up = parts.get("lora_down.weight"), parts.get("lora_up.weight")
+        if target not in model_shapes or down is None or up is None or set(parts) - set(_KOHYA_PARTS):
+            plan.unmapped.append(name)
+            continue
+        w = tuple(model_shapes[target])
+        if (up[0], math.prod(down[1:])) != (w[0], math.prod(w[1:])) or up[1] != down[0]:
+            plan.mismatched.append((name, (up[0], *down[1:]), w))
+        else:
+            plan.pairs[name] = target
+    return plan
+
+
+def mismatch_error(path: str | os.PathLike, plan: KeyPlan, file_arch: str, model_arch: str) -> DeltaFileError:
+    """The refusal: counts, a few example keys, and which architecture the file looks like vs the model."""
+    total = len(plan.pairs) + len(plan.unmapped) + len(plan.mismatched)
+    parts = []
+    if plan.unmapped:
+        ex = ", ".join(plan.unmapped[:3])
+        parts.append(f"{len(plan.unmapped)} of {total} keys have no counterpart in the model (e.g. {ex})")
+    if plan.mismatched:
+        ex = "; ".join(f"{k}: file {list(a)} vs model {list(b)}" for k, a, b in plan.mismatched[:3])
+        parts.append(f"{len(plan.mismatched)} of {total} keys differ in shape (e.g. {ex})")
+    if not total:
+        parts.append("it holds no UNet weights")
+    problem = (
+        f"does not fit the connected model: {'; '.join(parts)}. The file looks like {ARCH_NAMES[file_arch]}, "
+        f"the model is {ARCH_NAMES[model_arch]}; nothing was applied"
+    )
+    if file_arch != "unknown" and file_arch != model_arch:
+        fix = (
+            f"connect an {ARCH_NAMES[file_arch]} checkpoint, or pick the PeRFlow file made for {ARCH_NAMES[model_arch]}"
+        )
+    else:
+        fix = "use a PeRFlow file made for this model's architecture"
+    return DeltaFileError(path, problem, fix)
+
+
+def resolve_parameterization(choice: str, fmt: str, arch: str, metadata: DeltaMetadata | None) -> tuple[str, str]:
+    """(parameterization, note to log): our metadata wins, then the user's choice, then SD1.5 delta -> diff_eps."""
+    if choice != "auto" and choice not in PARAMETERIZATIONS:
+        raise ValueError(f"parameterization must be auto or one of {', '.join(PARAMETERIZATIONS)}, got {choice!r}")
+    if metadata is not None:
+        note = ""
+        if choice not in ("auto", metadata.parameterization):
+            note = f"the file was trained with {metadata.parameterization}; ignoring the chosen {choice}"
+        return metadata.parameterization, note
+    if choice != "auto":
+        return choice, ""
+    if fmt == "diffusers_delta" and arch == "sd15":
+        return "diff_eps", "the published SD1.5 delta uses diff_eps"
+    raise ValueError(
+        "parameterization is 'auto' but this file does not say which one it was trained with; pick it on the node "
+        "(published PeRFlow: SD1.5 delta diff_eps, SDXL ddim_eps, SD2.1 velocity)"
+    )
+
+
+def resolve_num_windows(choice: int, metadata: DeltaMetadata | None) -> tuple[int, str]:
+    """(windows, note to log): the file's metadata wins, else the user's choice, else (0 = auto) 4."""
+    if metadata is not None:
+        note = ""
+        if choice not in (0, metadata.num_windows):
+            note = f"the file was trained with {metadata.num_windows} windows; ignoring the chosen {choice}"
+        return metadata.num_windows, note
+    return (choice or 4), ""
+
+
+@dataclass
+class WeightFile:
+    """A validated weight file's UNet tensors with what was detected about it."""
+
+    path: str
+    format: str
+    architecture: str
+    tensors: dict[str, torch.Tensor]
+    metadata: DeltaMetadata | None
+
+
+def read_weight_file(path: str | os.PathLike) -> WeightFile:
+    """Read and classify a delta/merged/LoRA file, loading only its UNet tensors; raises DeltaFileError."""
+    header: Header = read_header(path)
+    try:
+        style = key_style(list(header.tensors), header.metadata)
+        metadata = DeltaMetadata.from_metadata(header.metadata) if style == "perflow_delta" else None
+    except ValueError as e:
+        raise DeltaFileError(path, str(e), "export the file again or pick another one") from None
+    tensors = dict(iter_tensors(path, header, keeps_key(style)))
+    fmt = detect_format(style, tensors)
+    arch = (
+        metadata.base_architecture if metadata else guess_architecture({k: tuple(t.shape) for k, t in tensors.items()})
+    )
+    return WeightFile(os.fspath(path), fmt, arch, tensors, metadata)
