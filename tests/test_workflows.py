@@ -30,7 +30,6 @@ MODEL_INPUTS = {
     ("VAELoader", "vae_name"): "vae",
     ("LoadImage", "image"): "input",
 }
-NOT_YET_MERGED = {"PeRFlowDeltaLoader": "branch delta"}
 
 
 def load(path):
@@ -120,10 +119,7 @@ def comfy():
 
 def _require_classes(nodes, api):
     missing = sorted({e["class_type"] for e in api.values()} - set(nodes.NODE_CLASS_MAPPINGS))
-    pending = [c for c in missing if c in NOT_YET_MERGED]
-    assert missing == pending, f"unknown node classes: {missing}"
-    if pending:
-        pytest.skip(f"{pending[0]} is not in this checkout yet ({NOT_YET_MERGED[pending[0]]})")
+    assert not missing, f"unknown node classes (did this pack fail to import?): {missing}"
 
 
 @pytest.mark.parametrize("name", NAMES)

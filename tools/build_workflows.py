@@ -113,22 +113,6 @@ POSITIVE = (
 NEGATIVE = "distorted, blur, smooth, low-quality, warm, haze, over-saturated, high-contrast, out of focus, dark"
 SEED = 1024
 
-# The delta loader is written on another branch; until it is merged the builder uses this definition of it.
-DELTA_LOADER_STUB = {
-    "input": {
-        "required": {
-            "model": ("MODEL",),
-            "delta_name": ([SD15_DELTA.name],),
-            "strength": ("FLOAT", {"default": 1.0}),
-            "parameterization": (["auto", "diff_eps", "ddim_eps", "velocity"],),
-            "num_windows": ("INT", {"default": 0}),
-        }
-    },
-    "input_order": {"required": ["model", "delta_name", "strength", "parameterization", "num_windows"], "optional": []},
-    "output": ["MODEL", "STRING"],
-    "output_name": ["MODEL", "summary"],
-}
-
 
 class Graph:
     """A workflow in API form plus positions and model properties for its UI twin."""
@@ -509,9 +493,6 @@ def load_schema(class_types):
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
     known = [c for c in class_types if c in nodes.NODE_CLASS_MAPPINGS]
     schema = object_info(nodes.NODE_CLASS_MAPPINGS, known)
-    if "PeRFlowDeltaLoader" not in schema:
-        print("PeRFlowDeltaLoader is not loaded: using the builder's stub definition", file=sys.stderr)
-        schema["PeRFlowDeltaLoader"] = DELTA_LOADER_STUB
     missing = set(class_types) - set(schema)
     if missing:
         raise SystemExit(f"node classes not found: {sorted(missing)}")
