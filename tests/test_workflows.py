@@ -5,11 +5,7 @@ graph documents its models. With COMFYUI_PATH: ComfyUI's own validate_prompt acc
 model files), and each UI graph converts to exactly its API twin using the real node definitions.
 """
 
-import asyncio
 import json
-import os
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -78,43 +74,25 @@ def test_note_names_every_model_with_url_folder_and_licence(name):
 
 @pytest.fixture(scope="module")
 def comfy():
-    """ComfyUI loaded in-process with this pack as a custom node and placeholder model files.
+    """ComfyUI in-process (tests/comfy_env.py) with this pack loaded and placeholder model and input files."""
+    import comfy_env
 
-    A minimal loader (notes §6 recipe); to be replaced by tests/comfy_env.py once that helper is merged.
-    """
-    root = os.environ.get("COMFYUI_PATH")
-    if not root:
-        pytest.skip("set COMFYUI_PATH to a ComfyUI checkout to validate the workflows with ComfyUI")
-    root = str(Path(root).resolve())
-    mod = sys.modules.get("nodes")
-    if mod is not None and not str(getattr(mod, "__file__", "")).startswith(root):
-        del sys.modules["nodes"]  # this repo's own nodes/ package, imported via the repo on sys.path
-    sys.path.insert(0, root)
-    from comfy.cli_args import args
-
-    args.cpu = True
-    import execution
+    base = comfy_env.setup_comfyui()  # skips without COMFYUI_PATH
+    comfy_env.load_pack()
     import folder_paths
 
     import nodes
 
-    tmp = Path(tempfile.mkdtemp(prefix="perflow_wf_"))
-    (tmp / "custom_nodes").mkdir()
-    (tmp / "custom_nodes" / "ComfyUI-PeRFlow").symlink_to(wt.WORKFLOWS.parent)
-    folder_paths.add_model_folder_path("custom_nodes", str(tmp / "custom_nodes"))
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
-
+    for cls in {e["class_type"] for p in API_FILES for e in load(p).values()} & set(nodes.NODE_CLASS_MAPPINGS):
+        nodes.NODE_CLASS_MAPPINGS[cls].INPUT_TYPES()  # the delta loader registers models/perflow on first use
     for api_path in API_FILES:
         for entry in load(api_path).values():
             for (cls, inp), folder in MODEL_INPUTS.items():
                 if entry["class_type"] == cls and inp in entry["inputs"]:
-                    (tmp / folder).mkdir(exist_ok=True)
-                    (tmp / folder / entry["inputs"][inp]).touch()
-    for folder in {f for f in MODEL_INPUTS.values() if f != "input"}:
-        (tmp / folder).mkdir(exist_ok=True)
-        folder_paths.add_model_folder_path(folder, str(tmp / folder))
-    folder_paths.set_input_directory(str(tmp / "input"))
-    return nodes, execution
+                    target = base / "input" if folder == "input" else comfy_env.model_dir(folder)
+                    (target / entry["inputs"][inp]).touch()
+    folder_paths.filename_list_cache.clear()
+    return nodes, comfy_env
 
 
 def _require_classes(nodes, api):
@@ -124,10 +102,10 @@ def _require_classes(nodes, api):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_comfyui_validates_the_api_workflow(comfy, name):
-    nodes, execution = comfy
+    nodes, comfy_env = comfy
     api = load(wt.API_DIR / f"{name}.json")
     _require_classes(nodes, api)
-    ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt("perflow-test", api, None))
+    ok, error, outputs, node_errors = comfy_env.validate_prompt(api)
     assert ok is True, (error, node_errors)
     assert outputs
 
