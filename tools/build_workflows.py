@@ -1,0 +1,534 @@
+"""Write the example workflows: workflows/<name>.json (UI graph) and workflows/api/<name>.json (API prompt).
+
+Run with ComfyUI's Python, so that widget order comes from the real node definitions:
+    COMFYUI_PATH=/path/to/ComfyUI /path/to/ComfyUI/venv/bin/python tools/build_workflows.py
+Each workflow is written once in API form below; the UI graph is derived from it with workflows_tool.api_to_ui.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from workflows_tool import API_DIR, WORKFLOWS, api_to_ui, object_info  # noqa: E402
+
+HF = "https://huggingface.co"
+PERFLOW_LICENCE = "CC-BY-NC-4.0 (PeRFlow weights: non-commercial use only)"
+
+
+class Model:
+    def __init__(self, directory, name, url, licence, hint=""):
+        self.directory, self.name, self.url, self.licence, self.hint = directory, name, url, licence, hint
+
+    def prop(self):
+        return {"name": self.name, "url": self.url, "directory": self.directory}
+
+    def note(self):
+        hint = f"\n    note: {self.hint}" if self.hint else ""
+        return f"- models/{self.directory}/{self.name}\n    {self.url}\n    licence: {self.licence}{hint}"
+
+
+SD15 = Model(
+    "checkpoints",
+    "v1-5-pruned-emaonly-fp16.safetensors",
+    f"{HF}/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly-fp16.safetensors",
+    "CreativeML OpenRAIL-M",
+    "any SD1.5 checkpoint works; pick yours in the loader",
+)
+SD15_DELTA = Model(
+    "perflow",
+    "perflow-sd15-delta-v0-1.safetensors",
+    f"{HF}/hansyan/perflow-sd15-delta-weights/resolve/main/diffusion_pytorch_model.v0-1.safetensors",
+    PERFLOW_LICENCE,
+    "the published dW for SD1.5 (diffusers format, variant v0-1, 1.72 GB); save it under this name",
+)
+DREAMSHAPER8 = Model(
+    "checkpoints",
+    "DreamShaper_8_pruned.safetensors",
+    f"{HF}/Lykon/DreamShaper/resolve/main/DreamShaper_8_pruned.safetensors",
+    "CreativeML OpenRAIL-M",
+    "any SD1.5 fine-tune works the same way",
+)
+PIXEL_LORA = Model(
+    "loras",
+    "PixelArtRedmond15V-PixelArt-PIXARFK.safetensors",
+    f"{HF}/artificialguybr/pixelartredmond-1-5v-pixel-art-loras-for-sd-1-5/resolve/main/"
+    "PixelArtRedmond15V-PixelArt-PIXARFK.safetensors",
+    "bespoke-lora-trained-license (read the model card before commercial use)",
+    "trigger words: pixel art, PixArFK",
+)
+TILE = Model(
+    "controlnet",
+    "control_v11f1e_sd15_tile_fp16.safetensors",
+    f"{HF}/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/control_v11f1e_sd15_tile_fp16.safetensors",
+    "OpenRAIL (ControlNet 1.1, lllyasviel)",
+)
+SDXL_BASE = Model(
+    "checkpoints",
+    "sd_xl_base_1.0.safetensors",
+    f"{HF}/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors",
+    "CreativeML Open RAIL++-M",
+    "used for its text encoders and VAE only; PeRFlow retrained just the UNet",
+)
+SDXL_UNET = Model(
+    "diffusion_models",
+    "perflow-sdxl-base-unet.safetensors",
+    f"{HF}/hansyan/perflow-sdxl-base/resolve/main/unet/diffusion_pytorch_model.v0-fix.safetensors",
+    PERFLOW_LICENCE + "; derived from SDXL base (CreativeML Open RAIL++-M)",
+    "the merged PeRFlow SDXL UNet (diffusers format, variant v0-fix); save it under this name",
+)
+SD21_UNET = Model(
+    "diffusion_models",
+    "perflow-sd21-artius-unet.safetensors",
+    f"{HF}/hansyan/perflow-sd21-artius/resolve/main/unet/diffusion_pytorch_model.safetensors",
+    PERFLOW_LICENCE + "; derived from an SD2.1 fine-tune (SD2.1: CreativeML Open RAIL++-M)",
+    "the merged PeRFlow SD2.1 UNet (diffusers format, 1.73 GB); save it under this name",
+)
+SD21_CLIP = Model(
+    "text_encoders",
+    "perflow-sd21-artius-text-encoder.safetensors",
+    f"{HF}/hansyan/perflow-sd21-artius/resolve/main/text_encoder/model.safetensors",
+    "same repository and terms as the UNet",
+    "the pipeline's OpenCLIP-H text encoder; save it under this name",
+)
+SD21_VAE = Model(
+    "vae",
+    "perflow-sd21-artius-vae.safetensors",
+    f"{HF}/hansyan/perflow-sd21-artius/resolve/main/vae/diffusion_pytorch_model.safetensors",
+    "same repository and terms as the UNet",
+    "the pipeline's VAE; save it under this name",
+)
+
+POSITIVE = (
+    "RAW photo, 8k uhd, dslr, high quality, film grain, highly detailed, masterpiece; "
+    "a colorful bird standing on a tree branch, open beak"
+)
+NEGATIVE = "distorted, blur, smooth, low-quality, warm, haze, over-saturated, high-contrast, out of focus, dark"
+SEED = 1024
+
+
+class Graph:
+    """A workflow in API form plus positions and model properties for its UI twin."""
+
+    def __init__(self, name, title, about):
+        self.name, self.title, self.about = name, title, about
+        self.api, self.pos, self.props, self.models = {}, {}, {}, []
+
+    def add(self, class_type, pos, title=None, dl=None, **inputs):
+        """Add a node; dl: the Model it loads (for the Note and the missing-model dialog)."""
+        nid = str(len(self.api) + 1)
+        entry = {
+            "inputs": {k: ([v[0], v[1]] if isinstance(v, tuple) else v) for k, v in inputs.items()},
+            "class_type": class_type,
+            "_meta": {"title": title or class_type},
+        }
+        self.api[nid] = entry
+        self.pos[nid] = pos
+        ms = [dl] if dl else []
+        if ms:
+            self.props[nid] = {"models": [m.prop() for m in ms]}
+            self.models += [m for m in ms if m not in self.models]
+        return nid
+
+    def note_text(self):
+        lines = [self.title, "", self.about, "", "Models: download each file and put it at the path shown", ""]
+        lines += [m.note() for m in self.models]
+        lines += [
+            "",
+            "PeRFlow: https://github.com/magic-research/piecewise-rectified-flow (Yan et al. 2024). "
+            "The published PeRFlow weights are CC-BY-NC-4.0: no commercial use. "
+            "Base models keep their own licences (above).",
+        ]
+        return "\n".join(lines)
+
+
+def sd15_text(g, clip, x=420, y=60):
+    pos = g.add("CLIPTextEncode", (x, y), "Positive prompt", text=POSITIVE, clip=(clip, 1))
+    neg = g.add("CLIPTextEncode", (x, y + 230), "Negative prompt", text=NEGATIVE, clip=(clip, 1))
+    return pos, neg
+
+
+def decode_save(g, latent, vae, prefix, x=1270):
+    img = g.add("VAEDecode", (x, 60), samples=(latent, 0), vae=(vae, 2))
+    g.add("SaveImage", (x, 180), filename_prefix=prefix, images=(img, 0))
+
+
+def sd15_delta_t2i(steps):
+    g = Graph(
+        f"sd15_delta_t2i_{steps}step",
+        f"PeRFlow SD1.5 text-to-image, {steps} steps",
+        "Stock SD1.5 checkpoint + the published PeRFlow delta (dW), applied by PeRFlow Delta Loader. KSampler uses "
+        f"sampler 'perflow' and scheduler 'perflow', {steps} steps, cfg 4.5, 512x512. "
+        + ("4 steps is the published default. " if steps == 4 else "8 steps gives finer detail than 4. ")
+        + "Swap in any SD1.5 fine-tune in the checkpoint loader.",
+    )
+    ckpt = g.add("CheckpointLoaderSimple", (40, 200), dl=SD15, ckpt_name=SD15.name)
+    delta = g.add(
+        "PeRFlowDeltaLoader",
+        (420, 540),
+        dl=SD15_DELTA,
+        delta_name=SD15_DELTA.name,
+        strength=1.0,
+        parameterization="auto",
+        num_windows=0,
+        model=(ckpt, 0),
+    )
+    pos, neg = sd15_text(g, ckpt)
+    lat = g.add("EmptyLatentImage", (420, 760), width=512, height=512, batch_size=1)
+    ks = g.add(
+        "KSampler",
+        (850, 60),
+        seed=SEED,
+        steps=steps,
+        cfg=4.5,
+        sampler_name="perflow",
+        scheduler="perflow",
+        denoise=1.0,
+        model=(delta, 0),
+        positive=(pos, 0),
+        negative=(neg, 0),
+        latent_image=(lat, 0),
+    )
+    decode_save(g, ks, ckpt, f"perflow/sd15_{steps}step")
+    return g
+
+
+def sd15_finetune_lora():
+    g = Graph(
+        "sd15_finetune_lora_perflow",
+        "PeRFlow on an SD1.5 fine-tune + style LoRA, 4 steps",
+        "DreamShaper 8 + a pixel-art style LoRA (LoraLoader) + the PeRFlow SD1.5 delta. The same dW accelerates any "
+        "SD1.5 fine-tune; LoRAs stack as usual. 4 steps, cfg 4.5, 512x512.",
+    )
+    ckpt = g.add("CheckpointLoaderSimple", (40, 200), dl=DREAMSHAPER8, ckpt_name=DREAMSHAPER8.name)
+    lora = g.add(
+        "LoraLoader",
+        (40, 420),
+        dl=PIXEL_LORA,
+        lora_name=PIXEL_LORA.name,
+        strength_model=0.8,
+        strength_clip=0.8,
+        model=(ckpt, 0),
+        clip=(ckpt, 1),
+    )
+    delta = g.add(
+        "PeRFlowDeltaLoader",
+        (420, 540),
+        dl=SD15_DELTA,
+        delta_name=SD15_DELTA.name,
+        strength=1.0,
+        parameterization="auto",
+        num_windows=0,
+        model=(lora, 0),
+    )
+    pos = g.add(
+        "CLIPTextEncode",
+        (420, 60),
+        "Positive prompt",
+        text="pixel art, PixArFK, a cozy cottage in a snowy forest at night, warm windows, detailed",
+        clip=(lora, 1),
+    )
+    neg = g.add("CLIPTextEncode", (420, 290), "Negative prompt", text=NEGATIVE, clip=(lora, 1))
+    lat = g.add("EmptyLatentImage", (420, 760), width=512, height=512, batch_size=1)
+    ks = g.add(
+        "KSampler",
+        (850, 60),
+        seed=SEED,
+        steps=4,
+        cfg=4.5,
+        sampler_name="perflow",
+        scheduler="perflow",
+        denoise=1.0,
+        model=(delta, 0),
+        positive=(pos, 0),
+        negative=(neg, 0),
+        latent_image=(lat, 0),
+    )
+    decode_save(g, ks, ckpt, "perflow/sd15_dreamshaper_lora")
+    return g
+
+
+def sdxl_merged():
+    g = Graph(
+        "sdxl_merged_ddim_eps_6step",
+        "PeRFlow SDXL (merged model), ddim_eps, 6 steps",
+        "The published PeRFlow SDXL UNet (Load Diffusion Model) with the SDXL base checkpoint's text encoders and "
+        "VAE. PeRFlow Model Sampling sets parameterization ddim_eps and 4 windows. 6 steps, cfg 2.0, 1024x1024. "
+        "If you converted the whole PeRFlow pipeline to one checkpoint file, load it with the checkpoint loader "
+        "and connect its MODEL to PeRFlow Model Sampling instead.",
+    )
+    ckpt = g.add("CheckpointLoaderSimple", (40, 300), "SDXL base (text encoders + VAE)", dl=SDXL_BASE,
+                 ckpt_name=SDXL_BASE.name)  # fmt: skip
+    unet = g.add("UNETLoader", (40, 60), "PeRFlow SDXL UNet", dl=SDXL_UNET, unet_name=SDXL_UNET.name,
+                 weight_dtype="default")  # fmt: skip
+    ms = g.add("PeRFlowModelSampling", (420, 540), parameterization="ddim_eps", num_windows=4, model=(unet, 0))
+    pos, neg = sd15_text(g, ckpt)
+    lat = g.add("EmptyLatentImage", (420, 760), width=1024, height=1024, batch_size=1)
+    ks = g.add(
+        "KSampler",
+        (850, 60),
+        seed=SEED,
+        steps=6,
+        cfg=2.0,
+        sampler_name="perflow",
+        scheduler="perflow",
+        denoise=1.0,
+        model=(ms, 0),
+        positive=(pos, 0),
+        negative=(neg, 0),
+        latent_image=(lat, 0),
+    )
+    decode_save(g, ks, ckpt, "perflow/sdxl_6step")
+    return g
+
+
+def sd21_merged():
+    g = Graph(
+        "sd21_merged_velocity_8step",
+        "PeRFlow SD2.1 (merged model), velocity, 8 steps",
+        "The published PeRFlow SD2.1 pipeline (perflow-sd21-artius): its UNet, text encoder and VAE loaded from "
+        "the diffusers files as published. PeRFlow Model Sampling sets parameterization velocity and 4 windows. "
+        "8 steps, cfg 7.5, 768x768.",
+    )
+    unet = g.add("UNETLoader", (40, 60), "PeRFlow SD2.1 UNet", dl=SD21_UNET, unet_name=SD21_UNET.name,
+                 weight_dtype="default")  # fmt: skip
+    clip = g.add("CLIPLoader", (40, 220), dl=SD21_CLIP, clip_name=SD21_CLIP.name, type="stable_diffusion",
+                 device="default")  # fmt: skip
+    vae = g.add("VAELoader", (40, 400), dl=SD21_VAE, vae_name=SD21_VAE.name)
+    ms = g.add("PeRFlowModelSampling", (420, 540), parameterization="velocity", num_windows=4, model=(unet, 0))
+    pos = g.add("CLIPTextEncode", (420, 60), "Positive prompt", text=POSITIVE, clip=(clip, 0))
+    neg = g.add("CLIPTextEncode", (420, 290), "Negative prompt", text=NEGATIVE, clip=(clip, 0))
+    lat = g.add("EmptyLatentImage", (420, 760), width=768, height=768, batch_size=1)
+    ks = g.add(
+        "KSampler",
+        (850, 60),
+        seed=SEED,
+        steps=8,
+        cfg=7.5,
+        sampler_name="perflow",
+        scheduler="perflow",
+        denoise=1.0,
+        model=(ms, 0),
+        positive=(pos, 0),
+        negative=(neg, 0),
+        latent_image=(lat, 0),
+    )
+    img = g.add("VAEDecode", (1270, 60), samples=(ks, 0), vae=(vae, 0))
+    g.add("SaveImage", (1270, 180), filename_prefix="perflow/sd21_8step", images=(img, 0))
+    return g
+
+
+def sd15_img2img_tile():
+    g = Graph(
+        "sd15_img2img_controlnet_tile",
+        "PeRFlow SD1.5 img2img refine with ControlNet tile, denoise 0.5",
+        "PeRFlow-Refiner: load an image, scale it to about 1 megapixel, encode it, and re-sample at denoise 0.5 "
+        "with ControlNet tile holding the layout. 4 steps, cfg 4.5. Upload your own image in Load Image.",
+    )
+    ckpt = g.add("CheckpointLoaderSimple", (40, 200), dl=SD15, ckpt_name=SD15.name)
+    delta = g.add(
+        "PeRFlowDeltaLoader",
+        (40, 380),
+        dl=SD15_DELTA,
+        delta_name=SD15_DELTA.name,
+        strength=1.0,
+        parameterization="auto",
+        num_windows=0,
+        model=(ckpt, 0),
+    )
+    pos, neg = sd15_text(g, ckpt)
+    load = g.add("LoadImage", (40, 620), image="example.png")
+    scaled = g.add("ImageScaleToTotalPixels", (420, 620), upscale_method="lanczos", megapixels=1.0, image=(load, 0))
+    enc = g.add("VAEEncode", (420, 800), pixels=(scaled, 0), vae=(ckpt, 2))
+    cn = g.add("ControlNetLoader", (40, 960), dl=TILE, control_net_name=TILE.name)
+    apply = g.add(
+        "ControlNetApplyAdvanced",
+        (850, 520),
+        strength=1.0,
+        start_percent=0.0,
+        end_percent=1.0,
+        positive=(pos, 0),
+        negative=(neg, 0),
+        control_net=(cn, 0),
+        image=(scaled, 0),
+        vae=(ckpt, 2),
+    )
+    ks = g.add(
+        "KSampler",
+        (850, 60),
+        seed=SEED,
+        steps=4,
+        cfg=4.5,
+        sampler_name="perflow",
+        scheduler="perflow",
+        denoise=0.5,
+        model=(delta, 0),
+        positive=(apply, 0),
+        negative=(apply, 1),
+        latent_image=(enc, 0),
+    )
+    decode_save(g, ks, ckpt, "perflow/sd15_refine_tile")
+    return g
+
+
+def sd15_cfg_schedule():
+    g = Graph(
+        "sd15_cfg_schedule",
+        "PeRFlow SD1.5 with a per-window CFG schedule (7,1,1,1)",
+        "PeRFlow CFG Schedule sets guidance per time window and replaces KSampler's cfg: 7 in the first (noisiest) "
+        "window, 1 afterwards. Windows at exactly 1.0 skip the unconditional pass, so 4 steps cost 5 UNet "
+        "evaluations instead of 8. Try mode 'ramp' for a linear ramp from ramp_start to ramp_end.",
+    )
+    ckpt = g.add("CheckpointLoaderSimple", (40, 200), dl=SD15, ckpt_name=SD15.name)
+    delta = g.add(
+        "PeRFlowDeltaLoader",
+        (40, 380),
+        dl=SD15_DELTA,
+        delta_name=SD15_DELTA.name,
+        strength=1.0,
+        parameterization="auto",
+        num_windows=0,
+        model=(ckpt, 0),
+    )
+    sched = g.add(
+        "PeRFlowCFGSchedule",
+        (420, 540),
+        mode="list",
+        cfg_list="7,1,1,1",
+        ramp_start=7.0,
+        ramp_end=1.0,
+        model=(delta, 0),
+    )
+    pos, neg = sd15_text(g, ckpt)
+    lat = g.add("EmptyLatentImage", (420, 800), width=512, height=512, batch_size=1)
+    ks = g.add(
+        "KSampler",
+        (850, 60),
+        seed=SEED,
+        steps=4,
+        cfg=7.0,
+        sampler_name="perflow",
+        scheduler="perflow",
+        denoise=1.0,
+        model=(sched, 0),
+        positive=(pos, 0),
+        negative=(neg, 0),
+        latent_image=(lat, 0),
+    )
+    decode_save(g, ks, ckpt, "perflow/sd15_cfg_schedule")
+    return g
+
+
+def sd15_custom_advanced():
+    g = Graph(
+        "sd15_sampler_custom_advanced",
+        "PeRFlow SD1.5 with SamplerCustomAdvanced, 4 steps",
+        "The same sampling as the KSampler examples, built from parts: RandomNoise, CFGGuider (cfg 4.5), "
+        "PeRFlow Sampler and PeRFlow Scheduler (4 steps) into SamplerCustomAdvanced.",
+    )
+    ckpt = g.add("CheckpointLoaderSimple", (40, 200), dl=SD15, ckpt_name=SD15.name)
+    delta = g.add(
+        "PeRFlowDeltaLoader",
+        (40, 380),
+        dl=SD15_DELTA,
+        delta_name=SD15_DELTA.name,
+        strength=1.0,
+        parameterization="auto",
+        num_windows=0,
+        model=(ckpt, 0),
+    )
+    pos, neg = sd15_text(g, ckpt)
+    noise = g.add("RandomNoise", (850, 60), noise_seed=SEED)
+    guider = g.add("CFGGuider", (850, 180), cfg=4.5, model=(delta, 0), positive=(pos, 0), negative=(neg, 0))
+    sampler = g.add("PeRFlowSampler", (850, 330))
+    sigmas = g.add("PeRFlowScheduler", (850, 410), steps=4, denoise=1.0, model=(delta, 0))
+    lat = g.add("EmptyLatentImage", (420, 540), width=512, height=512, batch_size=1)
+    out = g.add(
+        "SamplerCustomAdvanced",
+        (1270, 60),
+        noise=(noise, 0),
+        guider=(guider, 0),
+        sampler=(sampler, 0),
+        sigmas=(sigmas, 0),
+        latent_image=(lat, 0),
+    )
+    img = g.add("VAEDecode", (1650, 60), samples=(out, 0), vae=(ckpt, 2))
+    g.add("SaveImage", (1650, 180), filename_prefix="perflow/sd15_custom_advanced", images=(img, 0))
+    return g
+
+
+BUILDERS = [
+    lambda: sd15_delta_t2i(4),
+    lambda: sd15_delta_t2i(8),
+    sd15_finetune_lora,
+    sdxl_merged,
+    sd21_merged,
+    sd15_img2img_tile,
+    sd15_cfg_schedule,
+    sd15_custom_advanced,
+]
+
+
+def load_schema(class_types):
+    """object_info for class_types from an in-process ComfyUI at $COMFYUI_PATH, with this pack loaded."""
+    comfy = Path(os.environ["COMFYUI_PATH"]).resolve()
+    sys.path.insert(0, str(comfy))
+    from comfy.cli_args import args
+
+    args.cpu = True
+    import folder_paths
+
+    import nodes
+
+    parent = Path(tempfile.mkdtemp(prefix="perflow_custom_nodes_"))
+    (parent / "ComfyUI-PeRFlow").symlink_to(REPO)
+    folder_paths.add_model_folder_path("custom_nodes", str(parent))
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    known = [c for c in class_types if c in nodes.NODE_CLASS_MAPPINGS]
+    schema = object_info(nodes.NODE_CLASS_MAPPINGS, known)
+    missing = set(class_types) - set(schema)
+    if missing:
+        raise SystemExit(f"node classes not found: {sorted(missing)}")
+    return schema
+
+
+def note_node(g, nid):
+    return {
+        "id": nid,
+        "type": "Note",
+        "title": "Models, licences and settings",
+        "pos": [40, -420],
+        "size": [760, 400],
+        "flags": {},
+        "mode": 0,
+        "inputs": [],
+        "outputs": [],
+        "properties": {},
+        "widgets_values": [g.note_text()],
+        "color": "#432",
+        "bgcolor": "#653",
+    }
+
+
+def main():
+    graphs = [b() for b in BUILDERS]
+    schema = load_schema(sorted({e["class_type"] for g in graphs for e in g.api.values()}))
+    API_DIR.mkdir(parents=True, exist_ok=True)
+    for g in graphs:
+        ui = api_to_ui(g.api, schema, [note_node(g, len(g.api) + 1)], g.pos, g.props)
+        ui["extra"]["info"] = {"name": g.title}
+        ui["models"] = [m.prop() for m in g.models]
+        (WORKFLOWS / f"{g.name}.json").write_text(json.dumps(ui, indent=2) + "\n")
+        (API_DIR / f"{g.name}.json").write_text(json.dumps(g.api, indent=2) + "\n")
+        print("wrote", g.name)
+
+
+if __name__ == "__main__":
+    main()
