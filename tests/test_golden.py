@@ -11,6 +11,7 @@ from perflow_core.schedule import alphas_cumprod_at, perflow_sigmas, perflow_tim
 from perflow_core.windows import window_of
 
 TOL = dict(atol=1e-4, rtol=1e-4)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # the GPU run happens where one exists
 
 
 def comfy_style_model(ms, network):
@@ -53,14 +54,15 @@ def test_single_steps_match_published_step(golden):
         torch.testing.assert_close(x + (t_next - t) * v, tensors[f"{k}.prev_sample"], **TOL, msg=str(rec))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("update", ["sample_perflow", "stock_euler"])
-def test_trajectories_match_published_pipeline(golden, update):
+def test_trajectories_match_published_pipeline(golden, update, device):
     meta, tensors = golden
     for rec in meta["trajectories"]:
         k = rec["key"]
-        ms = PeRFlowModelSampling(rec["prediction_type"], rec["windows"], tensors["alphas_cumprod"])
-        sigmas = perflow_sigmas(rec["steps"], rec["windows"])
-        noise = tensors[f"{k}.init"]
+        ms = PeRFlowModelSampling(rec["prediction_type"], rec["windows"], tensors["alphas_cumprod"]).to(device)
+        sigmas = perflow_sigmas(rec["steps"], rec["windows"]).to(device)
+        noise = tensors[f"{k}.init"].to(device)
         x = ms.noise_scaling(sigmas[0], noise, torch.zeros_like(noise), max_denoise=True)
 
         model = comfy_style_model(ms, recorded_network)
@@ -76,8 +78,8 @@ def test_trajectories_match_published_pipeline(golden, update):
                 x = x + d * (sigmas[i + 1] - sigmas[i])
                 path.append(x)
         x = ms.inverse_noise_scaling(sigmas[-1], x)
-        torch.testing.assert_close(torch.stack(path), tensors[f"{k}.path"], **TOL, msg=str(rec))
-        torch.testing.assert_close(x, tensors[f"{k}.final"], **TOL, msg=str(rec))
+        torch.testing.assert_close(torch.stack(path).cpu(), tensors[f"{k}.path"], **TOL, msg=str(rec))
+        torch.testing.assert_close(x.cpu(), tensors[f"{k}.final"], **TOL, msg=str(rec))
 
 
 def test_window_bookkeeping_matches_get_window_alpha(golden):
