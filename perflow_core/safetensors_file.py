@@ -1,0 +1,157 @@
+"""Strict reader for untrusted weight files: validates the safetensors header itself, never unpickles."""
+
+import json
+import math
+import os
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+
+# safetensors dtype name -> (torch dtype, bytes per element); formats torch cannot check for NaN are left out.
+DTYPES = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
+_REDOWNLOAD = "re-download the file (the download may be incomplete) or re-export it as .safetensors"
+_CONVERT = (
+    "convert it to .safetensors in an environment you trust, e.g. "
+    "safetensors.torch.save_file(torch.load(path, weights_only=True), 'out.safetensors')"
+)
+
+
+class DeltaFileError(ValueError):
+    """A weight file that cannot be used; the message names the file, the problem and the fix."""
+
+    def __init__(self, path: str | os.PathLike, problem: str, fix: str = _REDOWNLOAD):
+        super().__init__(f"{os.fspath(path)}: {problem}. Fix: {fix}.")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One header entry: dtype name, shape and byte span within the data section."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Header:
+    """A validated safetensors header."""
+
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+
+def _looks_pickled(head: bytes) -> bool:
+    return head[:4] == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 1 <= head[1] <= 5)
+
+
+def _no_duplicates(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(keys) != len(set(keys)):
+        raise ValueError("duplicate key in header")
+    return dict(pairs)
+
+
+def _parse_entry(path, name: str, entry, data_size: int) -> TensorInfo:
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise DeltaFileError(path, f"corrupt header: entry {name!r} is not {{dtype, shape, data_offsets}}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in DTYPES:
+        raise DeltaFileError(
+            path, f"tensor {name!r} has unsupported dtype {dtype!r}", f"use one of {', '.join(DTYPES)}"
+        )
+    ints = (
+        isinstance(shape, list)
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(type(v) is int and v >= 0 for v in shape + offsets)
+    )
+    if not ints:
+        raise DeltaFileError(path, f"corrupt header: tensor {name!r} has a bad shape or data_offsets")
+    begin, end = offsets
+    if not begin <= end <= data_size:
+        raise DeltaFileError(path, f"truncated or corrupt: tensor {name!r} lies outside the file's data")
+    if math.prod(shape) * DTYPES[dtype][1] != end - begin:
+        raise DeltaFileError(path, f"corrupt header: tensor {name!r} shape {shape} does not match its byte span")
+    return TensorInfo(dtype, tuple(shape), begin, end)
+
+
+def read_header(path: str | os.PathLike) -> Header:
+    """Validate the file's header and layout without reading tensor data; raises DeltaFileError."""
+    if os.fspath(path).lower().endswith(PICKLE_SUFFIXES):
+        raise DeltaFileError(path, "pickle-based checkpoints are refused (unpickling can run arbitrary code)", _CONVERT)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            (n,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
+            raw = f.read(n) if 0 < n <= min(size - 8, MAX_HEADER_BYTES) else b""
+    except OSError as e:
+        raise DeltaFileError(path, f"cannot be read ({e.strerror or e})", "check the path and permissions") from None
+    if size == 0:
+        raise DeltaFileError(path, "the file is empty")
+    if not raw:
+        if _looks_pickled(head):
+            raise DeltaFileError(path, "this is a pickle/zip (torch.save) file, not safetensors", _CONVERT)
+        raise DeltaFileError(path, f"not a safetensors file, or truncated (header length {n}, file size {size})")
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise DeltaFileError(path, f"corrupt safetensors header ({type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise DeltaFileError(path, "corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise DeltaFileError(path, "corrupt header: __metadata__ must map strings to strings")
+    data_size = size - 8 - n
+    tensors = {name: _parse_entry(path, name, entry, data_size) for name, entry in header.items()}
+    if not tensors:
+        raise DeltaFileError(path, "the file holds no tensors", "export the weights again")
+    expected = 0  # spans must tile the data section exactly, as safetensors itself requires
+    for name, info in sorted(tensors.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+        if info.begin != expected:
+            raise DeltaFileError(path, f"corrupt header: tensor {name!r} overlaps another or leaves a gap")
+        expected = info.end
+    if expected != data_size:
+        raise DeltaFileError(path, f"corrupt: {data_size - expected} bytes after the last tensor (size mismatch)")
+    return Header(tensors, metadata)
+
+
+def iter_tensors(
+    path: str | os.PathLike, header: Header, keep: Callable[[str], bool] = lambda key: True
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) one at a time for the kept keys, each checked for NaN/inf; raises DeltaFileError."""
+    try:
+        with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+            for key in header.tensors:
+                if not keep(key):
+                    continue
+                t = f.get_tensor(key)
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise DeltaFileError(path, f"tensor {key!r} holds NaN or inf values", "export the weights again")
+                yield key, t
+    except DeltaFileError:
+        raise
+    except Exception as e:  # safetensors raises its own error types; the header was already validated
+        raise DeltaFileError(path, f"cannot be read as safetensors ({type(e).__name__}: {e})") from None
+
+
+def load_tensors(path: str | os.PathLike, keep: Callable[[str], bool] = lambda key: True) -> dict[str, torch.Tensor]:
+    """Load and check the kept tensors; peak memory is their total plus one tensor's NaN check."""
+    return dict(iter_tensors(path, read_header(path), keep))
