@@ -43,7 +43,15 @@ def finite_numbers(obj) -> list[float]:
 
 @pytest.mark.skipif(not TEACHER.is_file(), reason="bundled toy teacher not present")
 def test_quick_benchmark_produces_every_row(tmp_path):
-    cmd = [sys.executable, str(REPO / "training" / "benchmark.py"), "--quick", "--out", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        str(REPO / "training" / "benchmark.py"),
+        "--quick",
+        "--out",
+        str(tmp_path),
+        "--cache",
+        str(tmp_path / "cache"),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = json.loads((tmp_path / "results.json").read_text())
