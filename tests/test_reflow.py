@@ -8,6 +8,7 @@ from perflow_core.schedule import alphas_cumprod_at, sd_alphas_cumprod
 from perflow_core.windows import window_of
 from training.reflow import (
     ReflowConfig,
+    draw_reflow_noise,
     make_reflow_batch,
     reflow_loss,
     reflow_target,
@@ -116,7 +117,8 @@ def test_reflow_batch_dropout_and_window_start_noise_level():
     cfg = ReflowConfig(parameterization="velocity", num_windows=4, solver_steps=1, cond_dropout=0.5)
     latents = torch.zeros(256, 1, 8, 8)
     cond, null = torch.ones(256), torch.zeros(256)
-    batch = make_reflow_batch(cfg, stand_in_eps, latents, cond, null, AC, torch.Generator().manual_seed(0))
+    t, noise, keep = draw_reflow_noise(cfg, 256, (1, 8, 8), torch.Generator().manual_seed(0))
+    batch = make_reflow_batch(cfg, stand_in_eps, latents, cond, null, AC, t, noise, keep)
     dropped = (batch.cond == 0).float().mean().item()
     assert 0.35 < dropped < 0.65
     assert batch.z_t.shape == latents.shape and batch.target.shape == latents.shape

@@ -152,6 +152,17 @@ class ReflowBatch:
     target: torch.Tensor
 
 
+def draw_reflow_noise(
+    cfg: ReflowConfig, batch: int, shape: tuple[int, ...], generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(t, noise, keep) for a whole global batch from one generator, so that any sharding of it over processes
+    sees the same draws as one process: timepoints, unit noise and the conditioning-keep mask (CFG dropout)."""
+    t = sample_timepoints(batch, cfg.timestep_grid, generator)
+    noise = torch.randn((batch, *shape), generator=generator)
+    keep = torch.rand(batch, generator=generator) >= cfg.cond_dropout
+    return t, noise, keep
+
+
 @torch.no_grad()
 def make_reflow_batch(
     cfg: ReflowConfig,
@@ -160,23 +171,22 @@ def make_reflow_batch(
     cond: Cond,
     null_cond: Cond,
     alphas_cumprod: torch.Tensor,
-    generator: torch.Generator,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    keep: torch.Tensor,
 ) -> ReflowBatch:
-    """Random t, its window, z_s = DDPM marginal of the clean latent at t_s (t_s = 1 uses alphas_cumprod[999], not
-    pure noise, as published), teacher solve to z_e, straight-line z_t and target. Conditioning is dropped to
-    null_cond with probability cond_dropout; the teacher solves with the same (dropped) conditioning, at guidance 1
-    (`sync`) or cfg_scale (`fixed`; a dropped item then follows the unconditional flow)."""
-    b, dev = latents.shape[0], latents.device
-    t = sample_timepoints(b, cfg.timestep_grid, generator)
-    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(dev)
-    keep = torch.rand(b, generator=generator) >= cfg.cond_dropout
-    t = t.to(dev)
+    """Window of t, z_s = DDPM marginal of the clean latent at t_s (t_s = 1 uses alphas_cumprod[999], not pure
+    noise, as published), teacher solve to z_e, straight-line z_t and target. Items with keep = False get
+    null_cond; the teacher solves with the same (dropped) conditioning, at guidance 1 (`sync`) or cfg_scale
+    (`fixed`; a dropped item then follows the unconditional flow)."""
+    dev = latents.device
+    t, noise, ac = t.to(dev), noise.to(dev, latents.dtype), alphas_cumprod.to(dev)
     t_s, t_e = window_of(t, cfg.num_windows)
-    z_s = marginal(latents, noise, _bcast(t_s, latents), alphas_cumprod.to(dev))
+    z_s = marginal(latents, noise, _bcast(t_s, latents), ac)
     cond = select_cond(keep.to(dev), cond, null_cond)
     scale = 1.0 if cfg.cfg_mode == "sync" else cfg.cfg_scale
-    z_e = solve_teacher(teacher_eps, z_s, t_s, t_e, cfg.solver_steps, alphas_cumprod, cond, scale, null_cond)
-    z_t, target = reflow_target(cfg.parameterization, z_s, z_e, t, alphas_cumprod.to(dev), cfg.num_windows)
+    z_e = solve_teacher(teacher_eps, z_s, t_s, t_e, cfg.solver_steps, ac, cond, scale, null_cond)
+    z_t, target = reflow_target(cfg.parameterization, z_s, z_e, t, ac, cfg.num_windows)
     return ReflowBatch(z_t=z_t, t=t, cond=cond, target=target)
 
 

@@ -1,0 +1,76 @@
+"""Delta -> kohya LoRA: error falls with rank, full rank reconstructs, keys and shapes as ComfyUI reads them."""
+
+import torch
+from safetensors.torch import load_file
+
+from perflow_core.delta_format import save_delta, state_dict_hash
+from training.extract_lora import extract_lora, lora_name, main
+
+
+def fake_delta() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    shapes = {
+        "diffusion_model.input_blocks.0.0.weight": (32, 4, 3, 3),
+        "diffusion_model.input_blocks.0.0.bias": (32,),
+        "diffusion_model.input_blocks.1.1.proj_in.weight": (32, 32, 1, 1),
+        "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight": (32, 32),
+        "diffusion_model.input_blocks.1.1.norm.weight": (32,),
+        "diffusion_model.time_embed.0.weight": (128, 32),
+    }
+    return {k: torch.randn(s, generator=g) * 1e-3 for k, s in shapes.items()}
+
+
+def comfy_apply(lora: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ComfyUI's LoRA arithmetic: alpha / rank * up.flatten(1) @ down.flatten(1), reshaped; diff, diff_b as is."""
+    out = {}
+    for key, d in delta.items():
+        n = lora_name(key)
+        if key.endswith(".bias"):
+            out[key] = lora[f"{n}.diff_b"].float()
+        elif f"{n}.diff" in lora:
+            out[key] = lora[f"{n}.diff"].float()
+        else:
+            up, down = lora[f"{n}.lora_up.weight"].float(), lora[f"{n}.lora_down.weight"].float()
+            scale = lora[f"{n}.alpha"].item() / down.shape[0]
+            out[key] = scale * (up.flatten(1) @ down.flatten(1)).reshape(d.shape)
+    return out
+
+
+def test_error_falls_with_rank_and_full_rank_reconstructs():
+    delta = fake_delta()
+    errors = [extract_lora(delta, r, torch.float32)[1] for r in (1, 2, 4, 8, 16, 36)]
+    assert all(a > b for a, b in zip(errors, errors[1:], strict=False))
+    lora, err = extract_lora(delta, 128, torch.float32)
+    assert err < 1e-6
+    for k, v in comfy_apply(lora, delta).items():
+        torch.testing.assert_close(v, delta[k], atol=1e-8, rtol=1e-4)
+
+
+def test_kohya_keys_and_conv_shapes():
+    lora, _ = extract_lora(fake_delta(), 4)
+    n = "lora_unet_input_blocks_0_0"
+    assert lora[f"{n}.lora_down.weight"].shape == (4, 4, 3, 3)
+    assert lora[f"{n}.lora_up.weight"].shape == (32, 4, 1, 1)
+    assert lora[f"{n}.alpha"].item() == 4 and lora[f"{n}.diff_b"].shape == (32,)
+    assert lora["lora_unet_input_blocks_1_1_proj_in.lora_down.weight"].shape == (4, 32, 1, 1)
+    assert lora["lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_up.weight"].shape == (32, 4)
+    assert lora["lora_unet_input_blocks_1_1_norm.diff"].shape == (32,)
+    assert all(v.dtype == torch.float16 for v in lora.values())
+
+
+def test_cli_writes_one_file_per_rank(tmp_path, capsys):
+    delta = fake_delta()
+    path = tmp_path / "delta.safetensors"
+    save_delta(
+        path,
+        delta,
+        parameterization="diff_eps",
+        num_windows=4,
+        base_architecture="sd15",
+        base_hash=state_dict_hash(delta),
+    )
+    rows = main([str(path), "--rank", "2", "8", "--out", str(tmp_path / "lora.safetensors"), "--dtype", "fp32"])
+    assert [r["rank"] for r in rows] == [2, 8] and rows[0]["relative_error"] > rows[1]["relative_error"]
+    assert (tmp_path / "lora_r8.safetensors").is_file()
+    assert "relative error" in capsys.readouterr().out
+    assert load_file(tmp_path / "lora_r2.safetensors")["lora_unet_time_embed_0.alpha"].item() == 2
