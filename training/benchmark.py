@@ -343,7 +343,7 @@ def train_perflow(
     while (iters is not None and it < iters) or (seconds is not None and time.perf_counter() - start < seconds):
         idx = torch.randint(0, len(images), (b.batch,), generator=gen)
         t, noise, keep = draw_reflow_noise(rc, b.batch, tuple(images.shape[1:]), gen)
-        x0, y = images[idx].to(device), labels[idx].to(device)
+        x0, y = images[idx].to(device).contiguous(memory_format=memory_format(device)), labels[idx].to(device)
         batch = make_reflow_batch(rc, teacher_eps, x0, y, null, sd_alphas_cumprod(), t, noise, keep)
         losses.append(train_step(student_fn, batch, list(params.values()), opt, sched, scaler))
         ema.update(params)
@@ -352,6 +352,11 @@ def train_perflow(
             on_checkpoint(it, ema_model(student, ema))
     info = {"iters": it, "seconds": time.perf_counter() - start, "final_loss": float(np.mean(losses[-20:]))}
     return ema_model(student, ema), info
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    """channels_last on the CPU (several times faster conv backward there), contiguous elsewhere."""
+    return torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
 
 
 def ema_model(student: nn.Module, ema: EMA) -> nn.Module:
@@ -376,7 +381,8 @@ def finetune(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, ite
     ac, gen = sd_alphas_cumprod().to(device), torch.Generator().manual_seed(1)
     for _ in range(iters):
         idx = torch.randint(0, len(images), (batch * 2,), generator=gen)
-        x0, y = images[idx].to(device), labels[idx].clone().to(device)
+        x0 = images[idx].to(device).contiguous(memory_format=memory_format(device))
+        y = labels[idx].clone().to(device)
         y[torch.rand(len(y), generator=gen).to(device) < 0.1] = model.num_classes
         i = torch.randint(0, 1000, (len(y),), generator=gen).to(device)
         a, e = ac[i].view(-1, 1, 1, 1), torch.randn(x0.shape, generator=gen).to(device)
@@ -939,7 +945,7 @@ def main(argv=None) -> dict:
     args.cache.mkdir(parents=True, exist_ok=True)
     t0, dev, clock = time.perf_counter(), args.device, Clock()
     images, labels = load_toy_data(args.data)
-    teacher = load_toy_model(args.teacher, dev).requires_grad_(False)
+    teacher = load_toy_model(args.teacher, dev).requires_grad_(False).to(memory_format=memory_format(dev))
     print(f"mode {'quick' if args.quick else 'full'}: {asdict(b)}")
     time_plan(teacher, b, dev, args.delta is None)
     clock("classifier")
