@@ -18,7 +18,7 @@ from tqdm import trange
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from toy_data import DEFAULT_DATA, load_toy_data  # noqa: E402
-from toy_model import ToyUNet, save_toy_model  # noqa: E402
+from toy_model import ToyUNet, load_toy_model, save_toy_model, toy_model_metadata  # noqa: E402
 
 from perflow_core.schedule import sd_alphas_cumprod  # noqa: E402
 
@@ -38,6 +38,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--p-uncond", type=float, default=0.1, help="label dropout to the null class (for CFG)")
     p.add_argument("--base", type=int, default=32)
+    p.add_argument("--init", type=Path, default=None, help="continue from a saved toy model (its config wins)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
@@ -65,7 +66,10 @@ def main() -> None:
     images, labels = load_toy_data(args.data)
     num_classes = int(labels.max()) + 1
     ac = sd_alphas_cumprod()
-    model = ToyUNet(num_classes=num_classes, in_channels=images.shape[1], base=args.base)
+    if args.init is None:
+        model = ToyUNet(num_classes=num_classes, in_channels=images.shape[1], base=args.base)
+    else:
+        model = load_toy_model(args.init).train()
     model = model.to(memory_format=torch.channels_last)  # ~5x faster convolution backward on CPU
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
@@ -104,6 +108,9 @@ def main() -> None:
     meta = {"objective": "eps", "schedule": "sd_alphas_cumprod", "timestep": "t*1000, t=(i+1)/1000"}
     meta |= {"steps": steps, "batch": args.batch, "lr": args.lr, "ema": args.ema, "p_uncond": args.p_uncond}
     meta |= {"seed": args.seed, "final_loss": round(smooth, 5), "train_seconds": round(seconds), "data": args.data.name}
+    meta |= (
+        {} if args.init is None else {"init": f"{args.init.name} ({toy_model_metadata(args.init).get('steps')} steps)"}
+    )
     save_toy_model(args.out, ema.to(memory_format=torch.contiguous_format), meta)
     print(f"wrote {args.out}")
 
