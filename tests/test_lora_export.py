@@ -74,3 +74,37 @@ def test_cli_writes_one_file_per_rank(tmp_path, capsys):
     assert (tmp_path / "lora_r8.safetensors").is_file()
     assert "relative error" in capsys.readouterr().out
     assert load_file(tmp_path / "lora_r2.safetensors")["lora_unet_time_embed_0.alpha"].item() == 2
+
+
+def test_stock_lora_loader_model_only_applies_the_export(tmp_path):
+    """With COMFYUI_PATH: a full-rank export of a delta for a tiny SD1.5 checkpoint, loaded by the stock
+    LoraLoaderModelOnly node, moves every UNet weight by the delta."""
+    import pytest
+
+    comfy_env = pytest.importorskip("tests.comfy_env", reason="tests/comfy_env.py (branch comfyenv) not merged")
+    comfy_env.setup_comfyui()
+    import comfy.sd
+
+    from tests.checkpoints import checkpoint_path
+    from training.extract_lora import save_lora
+
+    ckpt = checkpoint_path("sd15")
+    model = comfy.sd.load_checkpoint_guess_config(str(ckpt), output_vae=False, output_clip=False)[0]
+    base = {k: v.float().clone() for k, v in model.model.state_dict().items() if k.startswith("diffusion_model.")}
+    g = torch.Generator().manual_seed(0)
+    ends = ("input_blocks.0.0.weight", "input_blocks.0.0.bias", "proj_in.weight", "to_q.weight", "out.2.weight")
+    picked = [k for k in base if k.endswith(ends)]
+    picked += [k for k in base if k.endswith("norm.weight")][:1]
+    delta = {k: torch.randn(base[k].shape, generator=g) * 1e-2 for k in picked}
+    lora, err = extract_lora(delta, 4096, torch.float32)
+    assert err < 1e-5
+    save_lora(tmp_path / "perflow_lora.safetensors", lora, {})
+    name = comfy_env.add_model_file("loras", tmp_path / "perflow_lora.safetensors")
+    (patched,) = comfy_env.call("LoraLoaderModelOnly", model=model, lora_name=name, strength_model=1.0)
+    patched.patch_model()
+    after = patched.model.state_dict()
+    assert {k.rsplit(".", 1)[-1] for k in lora} == {"weight", "alpha", "diff", "diff_b"}
+    for k in base:
+        expected = base[k] + delta[k] if k in delta else base[k]
+        tol = 2e-3 * max(1.0, base[k].abs().max().item())  # the checkpoint's weights are fp16
+        torch.testing.assert_close(after[k].float(), expected, atol=tol, rtol=0, msg=k)

@@ -148,3 +148,20 @@ def test_reweighting_and_config_validation():
         ReflowConfig(parameterization="eps").validate()
     with pytest.raises(ValueError, match="divisor of 1000"):
         ReflowConfig(timestep_grid=30).validate()
+
+
+def test_cfg_fixed_solves_with_guidance_and_sync_without():
+    calls = []
+
+    def counting_eps(x, t, cond):
+        calls.append(cond.clone())
+        return stand_in_eps(x, t, cond)
+
+    latents, cond, null = torch.zeros(4, 1, 2, 2), torch.ones(4), torch.zeros(4)
+    t, noise, keep = draw_reflow_noise(ReflowConfig(cond_dropout=0.0), 4, (1, 2, 2), torch.Generator().manual_seed(0))
+    for mode, per_step in (("sync", 1), ("fixed", 2)):
+        calls.clear()
+        cfg = ReflowConfig(cfg_mode=mode, cfg_scale=3.0, solver_steps=2, cond_dropout=0.0)
+        make_reflow_batch(cfg, counting_eps, latents, cond, null, AC, t, noise, keep)
+        assert len(calls) == 2 * per_step
+        assert any((c == 0).all() for c in calls) == (mode == "fixed")

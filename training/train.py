@@ -306,7 +306,8 @@ def train(argv: list[str] | None = None) -> dict:
         log.info("resumed from %s at step %d", ckpt_path, step)
     model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
     student_fn = backend.student_fn(model)
-    ac = sd_alphas_cumprod()
+    ac = getattr(backend, "alphas_cumprod", None)
+    ac = sd_alphas_cumprod() if ac is None else ac
 
     def all_mean(x: torch.Tensor) -> torch.Tensor:
         if world > 1:
@@ -418,7 +419,8 @@ def train(argv: list[str] | None = None) -> dict:
         return summary
     if rank == 0:
         weights, base = final_weights(), backend.base_state_dict()
-        delta = {backend.delta_prefix + k: (weights[k].float() - base[k].float()).cpu() for k in base}
+        dtype = getattr(backend, "delta_dtype", torch.float32)
+        delta = {backend.delta_prefix + k: (weights[k].float() - base[k].float()).to("cpu", dtype) for k in base}
         base_hash = state_dict_hash({backend.delta_prefix + k: v for k, v in base.items()})
         summary |= write_samples("final.png")
         if (args.out / "samples" / "final.png").is_file():
