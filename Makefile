@@ -9,7 +9,12 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(VPY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
-.PHONY: test lint
+.PHONY: test lint demo
+# The main job: train a PeRFlow delta for the bundled toy teacher on CPU (a few minutes), writing
+# out/demo/perflow_delta.safetensors, out/demo/comparison.png and out/demo/metrics.json.
+demo: $(VENV)/.installed
+	$(VPY) -m training.train --backend toy --out out/demo --steps 1200 --batch-size 32 --solver-steps 2 --lr 3e-4 --threads 1
+
 lint: $(VENV)/.installed
 	$(VPY) -m ruff check .
 	$(VPY) -m ruff format --check .
