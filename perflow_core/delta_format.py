@@ -3,12 +3,12 @@
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import save_file
 
+from .atomic_file import atomic_path
 from .parameterization import PARAMETERIZATIONS
 from .windows import NUM_TRAIN_TIMESTEPS
 
@@ -177,15 +177,5 @@ def save_delta(
         known["training_summary"] = _parse_json(extra.pop("training_summary"))
     meta = DeltaMetadata(parameterization, num_windows, base_architecture, base_hash, extra=extra, **known)
     _check_tensors(tensors)
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".perflow-", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: t.detach().contiguous() for k, t in tensors.items()}, tmp, metadata=meta.to_metadata())
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

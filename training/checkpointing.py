@@ -1,28 +1,17 @@
 """Atomic training checkpoints (student, EMA, optimizer, scheduler, scaler, RNG states, step)."""
 
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import torch
 
+from perflow_core.atomic_file import atomic_path
+
 
 def atomic_torch_save(obj, path: str | Path) -> None:
     """torch.save to a temporary file in the target folder, fsync, then os.replace: never a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def rng_states() -> dict:

@@ -10,13 +10,12 @@ up [out, r]; conv k x k weights (reshaped to [out, in*k*k]): down conv k x k [r,
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from perflow_core.atomic_file import atomic_path
 from perflow_core.safetensors_file import load_tensors, read_header
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -61,16 +60,9 @@ def extract_lora(
 
 
 def save_lora(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write atomically (temporary file in the same folder, then os.replace)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    """Write atomically: readers never see a partial file."""
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
