@@ -32,4 +32,4 @@ def set_rng_states(state: dict) -> None:
 
 def load_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint written by atomic_torch_save (tensors and plain containers only)."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers: no code
