@@ -17,7 +17,7 @@ CONTEXT_DIM_ARCH = {768: "sd15", 1024: "sd21", 2048: "sdxl"}
 ARCH_NAMES = {"sd15": "SD1.5", "sd21": "SD2.1", "sdxl": "SDXL", "toy": "toy", "unknown": "an unknown architecture"}
 LDM_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 _DIFFUSERS_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in.", "conv_out.", "time_embedding.")
-_KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
+_KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha", "diff", "diff_b")
 _MERGED_NORM_MEAN = 0.5  # norm weights sit near 1 in a model and near 0 in a difference of two models
 
 
@@ -126,7 +126,9 @@ def plan_keys(
 def plan_kohya(
     shapes: dict[str, tuple[int, ...]], key_map: dict[str, str], model_shapes: dict[str, tuple[int, ...]]
 ) -> KeyPlan:
-    """LoRA modules (lora_down/lora_up/alpha) -> model weights; up@down must give the weight's out x in size."""
+    """LoRA modules -> model keys. A module holds lora_down/lora_up (+ alpha), whose up @ down must give the
+    weight's out x in size, or a full `diff` of the weight's shape; `diff_b` (a bias difference) may come with
+    either, as ComfyUI's LoRA loader reads them. Pairs: module -> weight key, module.diff_b -> bias key."""
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, shape in shapes.items():
         name, _, part = key.partition(".")
@@ -134,15 +136,30 @@ def plan_kohya(
     plan = KeyPlan()
     for name in sorted(modules):
         parts, target = modules[name], key_map.get(name)
-        down, up = parts.get("lora_down.weight"), parts.get("lora_up.weight")
-        if target not in model_shapes or down is None or up is None or set(parts) - set(_KOHYA_PARTS):
+        down, up, diff = parts.get("lora_down.weight"), parts.get("lora_up.weight"), parts.get("diff")
+        lora = down is not None and up is not None
+        has_weight = lora or diff is not None
+        well_formed = (
+            (down is None) == (up is None) and not (lora and diff is not None) and not set(parts) - set(_KOHYA_PARTS)
+        )
+        if target not in model_shapes or not well_formed or not (has_weight or "diff_b" in parts):
             plan.unmapped.append(name)
             continue
         w = tuple(model_shapes[target])
-        if (up[0], math.prod(down[1:])) != (w[0], math.prod(w[1:])) or up[1] != down[0]:
+        if diff is not None and tuple(diff) != w:
+            plan.mismatched.append((name, tuple(diff), w))
+        elif down is not None and ((up[0], math.prod(down[1:])) != (w[0], math.prod(w[1:])) or up[1] != down[0]):
             plan.mismatched.append((name, (up[0], *down[1:]), w))
-        else:
+        elif has_weight:
             plan.pairs[name] = target
+        if "diff_b" in parts:
+            bias = target.removesuffix(".weight") + ".bias"
+            if bias not in model_shapes:
+                plan.unmapped.append(name + ".diff_b")
+            elif tuple(parts["diff_b"]) != tuple(model_shapes[bias]):
+                plan.mismatched.append((name + ".diff_b", tuple(parts["diff_b"]), tuple(model_shapes[bias])))
+            else:
+                plan.pairs[name + ".diff_b"] = bias
     return plan
 
 

@@ -181,6 +181,28 @@ def test_plan_kohya():
     assert plan.unmapped == ["lora_unet_a", "lora_unet_b"] and [m[0] for m in plan.mismatched] == ["lora_unet_c"]
 
 
+def test_plan_kohya_full_diffs_and_bias_diffs_as_the_lora_export_writes():
+    key_map = {"lora_unet_a": "diffusion_model.a.weight", "lora_unet_n": "diffusion_model.n.weight"}
+    ms = {"diffusion_model.a.weight": (8, 8, 3, 3), "diffusion_model.a.bias": (8,), "diffusion_model.n.weight": (8,)}
+    ok = {
+        "lora_unet_a.lora_down.weight": (4, 8, 3, 3),
+        "lora_unet_a.lora_up.weight": (8, 4, 1, 1),
+        "lora_unet_a.diff_b": (8,),
+        "lora_unet_n.diff": (8,),
+    }
+    plan = plan_kohya(ok, key_map, ms)
+    assert plan.ok and plan.pairs == {
+        "lora_unet_a": "diffusion_model.a.weight",
+        "lora_unet_a.diff_b": "diffusion_model.a.bias",
+        "lora_unet_n": "diffusion_model.n.weight",
+    }
+    bad = {"lora_unet_n.diff": (4,), "lora_unet_n.diff_b": (8,), "lora_unet_a.diff": (8, 8, 3, 3)}
+    bad["lora_unet_a.lora_down.weight"] = (4, 8, 3, 3)  # a LoRA and a full diff for one weight: ambiguous
+    plan = plan_kohya(bad, key_map, ms)
+    assert plan.unmapped == ["lora_unet_a", "lora_unet_n.diff_b"]
+    assert [m[0] for m in plan.mismatched] == ["lora_unet_n"]
+
+
 def test_resolve_parameterization_and_windows():
     md = DeltaMetadata("ddim_eps", 6, "sdxl", "0" * 64)
     assert resolve_parameterization("auto", "perflow_delta", "sdxl", md) == ("ddim_eps", "")

@@ -76,16 +76,17 @@ def test_cli_writes_one_file_per_rank(tmp_path, capsys):
     assert load_file(tmp_path / "lora_r2.safetensors")["lora_unet_time_embed_0.alpha"].item() == 2
 
 
-def test_stock_lora_loader_model_only_applies_the_export(tmp_path):
+def test_stock_lora_loader_and_our_loader_apply_the_export_alike(tmp_path):
     """With COMFYUI_PATH: a full-rank export of a delta for a tiny SD1.5 checkpoint, loaded by the stock
-    LoraLoaderModelOnly node, moves every UNet weight by the delta."""
-    import pytest
+    LoraLoaderModelOnly node and by the PeRFlow Delta Loader, moves every UNet weight by the delta, identically."""
+    import comfy_env
 
-    comfy_env = pytest.importorskip("tests.comfy_env", reason="tests/comfy_env.py (branch comfyenv) not merged")
+    comfy_env.require_comfyui()
     comfy_env.setup_comfyui()
+    comfy_env.load_pack()
     import comfy.sd
 
-    from tests.checkpoints import checkpoint_path
+    from checkpoints import checkpoint_path
     from training.extract_lora import save_lora
 
     ckpt = checkpoint_path("sd15")
@@ -99,12 +100,21 @@ def test_stock_lora_loader_model_only_applies_the_export(tmp_path):
     lora, err = extract_lora(delta, 4096, torch.float32)
     assert err < 1e-5
     save_lora(tmp_path / "perflow_lora.safetensors", lora, {})
-    name = comfy_env.add_model_file("loras", tmp_path / "perflow_lora.safetensors")
-    (patched,) = comfy_env.call("LoraLoaderModelOnly", model=model, lora_name=name, strength_model=1.0)
-    patched.patch_model()
-    after = patched.model.state_dict()
     assert {k.rsplit(".", 1)[-1] for k in lora} == {"weight", "alpha", "diff", "diff_b"}
+    name = comfy_env.add_model_file("loras", tmp_path / "perflow_lora.safetensors", "perflow-test-export.safetensors")
+    (stock,) = comfy_env.call("LoraLoaderModelOnly", model=model, lora_name=name, strength_model=1.0)
+    ours, summary = comfy_env.call(
+        "PeRFlowDeltaLoader", model=model, delta_name="loras/" + name, strength=1.0,
+        parameterization="diff_eps", num_windows=4,
+    )  # fmt: skip
+    assert "kohya_lora," in summary and f"SD1.5 model; {len(picked)} weights patched" in summary
+    weights = {}
+    for label, patcher in (("stock", stock), ("ours", ours)):
+        patcher.patch_model()
+        weights[label] = {k: v.float().clone() for k, v in patcher.model.state_dict().items() if k in base}
+        patcher.unpatch_model()
     for k in base:
         expected = base[k] + delta[k] if k in delta else base[k]
         tol = 2e-3 * max(1.0, base[k].abs().max().item())  # the checkpoint's weights are fp16
-        torch.testing.assert_close(after[k].float(), expected, atol=tol, rtol=0, msg=k)
+        torch.testing.assert_close(weights["stock"][k], expected, atol=tol, rtol=0, msg=k)
+        torch.testing.assert_close(weights["ours"][k], weights["stock"][k], atol=0, rtol=0, msg=k)

@@ -5,15 +5,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import comfy_env
 from training.train import train
-
-comfy_env = pytest.importorskip("tests.comfy_env", reason="tests/comfy_env.py (branch comfyenv) not merged")
 
 
 @pytest.fixture(scope="module")
 def tiny_sd15():
+    comfy_env.require_comfyui()
     comfy_env.setup_comfyui()
-    from tests.checkpoints import checkpoint_path
+    comfy_env.load_pack()
+    from checkpoints import checkpoint_path
 
     return checkpoint_path("sd15")
 
@@ -46,13 +47,17 @@ def test_comfy_backend_trains_a_delta_the_checkpoint_accepts(tiny_sd15, tmp_path
     with safe_open(out / "perflow_delta.safetensors", "pt") as f:
         assert f.metadata()["base_architecture"] == "sd15"
     patcher = comfy.sd.load_checkpoint_guess_config(str(tiny_sd15), output_vae=False, output_clip=False)[0]
-    sd = patcher.model.state_dict()
-    assert delta and all(k in sd and sd[k].shape == v.shape for k, v in delta.items())
+    base = {k: v.float().clone() for k, v in patcher.model.state_dict().items()}
+    name = comfy_env.add_model_file("perflow", out / "perflow_delta.safetensors", "perflow-test-comfy-run.safetensors")
+    loaded, summary = comfy_env.call(
+        "PeRFlowDeltaLoader", model=patcher, delta_name=name, strength=1.0, parameterization="auto", num_windows=0
+    )
+    assert f"perflow_delta, SD1.5 file on SD1.5 model; {len(delta)} weights patched" in summary
     assert any(v.abs().max() > 0 for v in delta.values())
-    patched = patcher.add_patches({k: ("diff", (v,)) for k, v in delta.items()}, 1.0)
-    assert len(patched) == len(delta)
-    key = "diffusion_model.out.2.weight"
-    before = sd[key].float().clone()
-    patcher.patch_model()
-    after = patcher.model.state_dict()[key].float()
-    torch.testing.assert_close(after, before + delta[key].float(), atol=2e-3, rtol=1e-2)
+    loaded.patch_model()
+    try:
+        after = loaded.model.state_dict()
+        for k, v in delta.items():  # the checkpoint is fp16: ComfyUI rounds W + dW back to it
+            torch.testing.assert_close(after[k].float(), base[k] + v.float(), atol=2e-3, rtol=1e-2, msg=k)
+    finally:
+        loaded.unpatch_model()
