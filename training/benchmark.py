@@ -49,10 +49,11 @@ class Budget:
 
     n: int = 1000
     ref_steps: int = 100
-    iters: int = 3000
-    iters_k2: int = 1000
-    checkpoints: tuple[int, ...] = (100, 300, 900, 1500, 2000, 3000)
-    solver_steps: int = 8
+    iters: int = 2000
+    iters_k2: int = 600
+    checkpoints: tuple[int, ...] = (100, 300, 900, 1500, 2000)
+    solver_steps: int = 4
+    timestep_grid: int = 8  # train where the 4- and 8-step samplers evaluate; the published code uses 1000
     batch: int = 32
     lr: float = 2e-4
     ema: float = 0.99
@@ -412,6 +413,7 @@ def write_delta(path: Path, delta: dict, teacher: nn.Module, rc: ReflowConfig, i
     """Save a delta with perflow_core.delta_format (toy architecture, base hash of the teacher's weights)."""
     base_hash = state_dict_hash({k: v.cpu() for k, v in teacher.state_dict().items()})
     extra = {"cfg_mode": rc.cfg_mode, "steps_trained": str(info["iters"]), "solver_steps": str(rc.solver_steps)}
+    extra["timestep_grid"] = str(rc.timestep_grid)
     save_delta(
         path,
         delta,
@@ -562,7 +564,9 @@ def param_rows(ev, teacher, images, labels, b: Budget) -> dict:
     """diff_eps vs velocity students trained for the same wall time (equal teacher solver steps, K = 4)."""
     info = {}
     for param in ("diff_eps", "velocity"):
-        rc = ReflowConfig(parameterization=param, num_windows=4, solver_steps=b.param_solver_steps)
+        rc = ReflowConfig(
+            parameterization=param, num_windows=4, solver_steps=b.param_solver_steps, timestep_grid=b.timestep_grid
+        )
         student, info[param] = train_perflow(
             teacher, images, labels, replace(b, checkpoints=()), rc, seconds=b.param_seconds
         )
@@ -591,7 +595,7 @@ def cost_train(teacher, images, labels, b: Budget) -> list[dict]:
     """Training seconds per iteration against teacher solver steps S (K = 4) and windows K (S = 4)."""
     rows = []
     for s, k in [(2, 4), (4, 4), (8, 4), (4, 2), (4, 8)]:
-        rc = ReflowConfig(num_windows=k, solver_steps=s)
+        rc = ReflowConfig(num_windows=k, solver_steps=s, timestep_grid=b.timestep_grid)
         train_perflow(teacher, images, labels, replace(b, checkpoints=()), rc, iters=1)  # warm-up
         _, info = train_perflow(teacher, images, labels, replace(b, checkpoints=()), rc, iters=b.cost_iters)
         rows.append(
@@ -881,6 +885,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=None, help="K=4 training iterations (checkpoints beyond are dropped)")
     p.add_argument("--iters-k2", type=int, default=None)
     p.add_argument("--solver-steps", type=int, default=None)
+    p.add_argument(
+        "--timestep-grid", type=int, default=None, help="training timepoints on a 1/N grid (published: 1000)"
+    )
     p.add_argument("--param-seconds", type=float, default=None)
     p.add_argument("--finetune-iters", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -895,6 +902,7 @@ def budget_from(args: argparse.Namespace) -> Budget:
         "iters": args.iters,
         "iters_k2": args.iters_k2,
         "solver_steps": args.solver_steps,
+        "timestep_grid": args.timestep_grid,
         "param_seconds": args.param_seconds,
         "finetune_iters": args.finetune_iters,
     }
@@ -953,11 +961,11 @@ def main(argv=None) -> dict:
     print(f"classifier held-out accuracy {clf_acc:.3f}")
     ev = Evaluator(args, b, clf, images, dev)
     trend: list[dict] = [trend_point(ev, teacher, teacher, 0)]
-    rc4 = ReflowConfig(num_windows=4, solver_steps=b.solver_steps)
+    rc4 = ReflowConfig(num_windows=4, solver_steps=b.solver_steps, timestep_grid=b.timestep_grid)
     clock("PeRFlow K=4 delta")
     k4, delta4, delta_path = get_delta(args, args.delta, teacher, images, labels, b, rc4, b.iters, ev, trend)
     clock("PeRFlow K=2 delta")
-    rc2 = ReflowConfig(num_windows=2, solver_steps=b.solver_steps)
+    rc2 = ReflowConfig(num_windows=2, solver_steps=b.solver_steps, timestep_grid=b.timestep_grid)
     k2, _, _ = get_delta(args, args.delta_k2, teacher, images, labels, b, rc2, b.iters_k2, ev, None)
     clock("main rows")
     main_rows(ev, teacher, k4, k2)
