@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import workflows_tool as wt
+from tools import workflows_tool as wt
 
 UI_FILES = sorted(wt.WORKFLOWS.glob("*.json"))
 API_FILES = sorted(wt.API_DIR.glob("*.json"))

@@ -17,7 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from workflows_tool import API_DIR, WORKFLOWS, api_to_ui, object_info  # noqa: E402
+from tools.workflows_tool import API_DIR, WORKFLOWS, api_to_ui, object_info  # noqa: E402
 
 HF = "https://huggingface.co"
 PERFLOW_LICENCE = "CC-BY-NC-4.0 (PeRFlow weights: non-commercial use only)"

@@ -4,7 +4,7 @@
 "input_order": {"required": [...], "optional": [...]}, "output": [...], "output_name": [...]}}``. In-process they
 come from :func:`object_info` over ``nodes.NODE_CLASS_MAPPINGS``; a running server gives the same at ``/object_info``.
 
-Usage: ``python workflows_tool.py check`` (structure and link checks of every file in workflows/, no ComfyUI).
+Usage: ``python tools/workflows_tool.py check`` (structure and link checks of every file in workflows/, no ComfyUI).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-WORKFLOWS = Path(__file__).resolve().parent / "workflows"
+WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 API_DIR = WORKFLOWS / "api"
 # Frontend-only nodes: never sent to the server, so they have no API twin.
 VIRTUAL_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
