@@ -1,7 +1,12 @@
 """Comfy backend on a random tiny SD1.5 checkpoint (needs COMFYUI_PATH): a few steps give an applicable delta."""
 
+import json
+import math
+import sys
+
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -14,6 +19,10 @@ def tiny_sd15():
     comfy_env.require_comfyui()
     comfy_env.setup_comfyui()
     comfy_env.load_pack()
+    import nodes
+
+    # models/perflow is registered on first use of the loader's file list; this test symlinks into it before that
+    sys.modules[nodes.NODE_CLASS_MAPPINGS["PeRFlowDeltaLoader"].__module__].register_folder()
     from checkpoints import checkpoint_path
 
     return checkpoint_path("sd15")
@@ -38,11 +47,18 @@ def test_comfy_backend_trains_a_delta_the_checkpoint_accepts(tiny_sd15, tmp_path
     make_images(tmp_path / "data")
     out = tmp_path / "run"
     argv = ["--backend", "comfy", "--checkpoint", str(tiny_sd15), "--data", str(tmp_path / "data"), "--out", str(out)]
-    argv += ["--resolution", "64", "--batch-size", "2", "--steps", "2", "--solver-steps", "1", "--no-samples"]
+    argv += ["--resolution", "64", "--batch-size", "2", "--steps", "2", "--solver-steps", "1"]
+    argv += ["--sample-teacher-steps", "8"]  # grid rows: teacher DDIM-8, DDIM-4, PeRFlow-4 at the default cfg 2
     summary = train([*argv, "--threads", "2", "--cache-latents", "--gradient-checkpointing", "--ema-decay", "0"])
     assert summary["step"] == 2
     log = (out / "train.log").read_text()
     assert "3 images, 1 skipped as unreadable (sd15)" in log
+    with Image.open(out / "comparison.png") as grid:  # 3 rows (DDIM-8, DDIM-4, PeRFlow-4) x 3 captions, 2 px pads
+        assert grid.size == (3 * (64 + 2) + 2, 3 * (64 + 2) + 2) and grid.mode == "RGB"
+        grid.load()
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("mse_perflow4_vs_teacher", "mse_ddim4_vs_teacher"):
+        assert math.isfinite(metrics[key]) and metrics[key] >= 0, (key, metrics)
     delta = load_file(out / "perflow_delta.safetensors")
     with safe_open(out / "perflow_delta.safetensors", "pt") as f:
         assert f.metadata()["base_architecture"] == "sd15"

@@ -108,6 +108,7 @@ class ComfyBackend:
         log.info("%d images, %d skipped as unreadable (%s)", len(self.items), self.skipped, self.architecture)
         self.null = self._encode_text("", (args.resolution, args.resolution), (0, 0))
         self.cache = [self._encode_item(i) for i in range(len(self.items))] if args.cache_latents else None
+        self._grid_conds: tuple[dict, dict] | None = None  # sample-grid conditioning, encoded on first use
 
     def __len__(self) -> int:
         return len(self.items)
@@ -163,6 +164,70 @@ class ComfyBackend:
 
     def base_state_dict(self) -> dict[str, torch.Tensor]:
         return self.teacher.state_dict()
+
+    def _sample_conds(self, n: int) -> tuple[dict, dict]:
+        """(conditioning, null conditioning) of the first n dataset captions, batched on the device; cached."""
+        if self._grid_conds is None or len(self._grid_conds[0]["context"]) != n:
+            rows = [self._encode_text(c, orig, crop) for _, c, orig, crop in self.items[:n]]
+            cond = {k: torch.cat([r[k] for r in rows]).to(self.device) for k in rows[0]}
+            null = {k: v.expand(n, *v.shape[1:]).to(self.device) for k, v in self.null.items()}
+            self._grid_conds = (cond, null)
+        return self._grid_conds
+
+    @torch.no_grad()
+    def sample_grid(self, weights: dict[str, torch.Tensor], args, path: Path, captions: int = 4) -> dict:
+        """Rows: teacher DDIM-many, teacher DDIM-4, student PeRFlow-4 for the first `captions` dataset captions
+        from the same seeded noises, decoded by the checkpoint's VAE into one PNG; latent-space MSEs to row 1."""
+        from torch.func import functional_call
+
+        from perflow_core.model_sampling import PeRFlowModelSampling
+        from perflow_core.sampling import sample_perflow
+        from perflow_core.schedule import perflow_sigmas
+        from training.reflow import guided_eps
+        from training.toy_sampling import ddim_solve, save_grid
+
+        n = min(captions, len(self.items))
+        cond, null = self._sample_conds(n)
+        g = torch.Generator().manual_seed(1234)
+        noise = torch.randn((n, *self.latent_shape()), generator=g).to(self.device)
+        t_cfg = args.cfg_scale if args.cfg_mode == "fixed" else args.sample_cfg
+        s_cfg = 1.0 if args.cfg_mode == "fixed" else args.sample_cfg
+        ac = self.alphas_cumprod
+
+        def teacher(x, t):
+            return guided_eps(self.teacher_eps, x, torch.full((n,), t, device=x.device), cond, null, t_cfg)
+
+        ref = ddim_solve(teacher, noise, args.sample_teacher_steps, alphas_cumprod=ac)
+        ddim4 = ddim_solve(teacher, noise, 4, alphas_cumprod=ac)
+        # the live student module run with `weights` (EMA or student) swapped in, without copying the UNet
+        student = self.student_fn(lambda *a, **k: functional_call(self.student, weights, a, k, strict=False))
+        ms = PeRFlowModelSampling(args.parameterization, args.windows, ac).to(self.device)
+
+        def denoised(x, s, c):
+            return ms.calculate_denoised(s, student(ms.calculate_input(s, x), s, c).float(), x)
+
+        def model(x, s):
+            d_c = denoised(x, s, cond)
+            if s_cfg == 1.0:
+                return d_c
+            d_u = denoised(x, s, null)
+            return d_u + s_cfg * (d_c - d_u)
+
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            sigmas = perflow_sigmas(4, args.windows).to(self.device)
+            x = ms.noise_scaling(sigmas[0], noise, torch.zeros_like(noise), max_denoise=True)
+            perflow4 = sample_perflow(model, x, sigmas, disable=True)
+        finally:
+            self.student.train(was_training)
+        latents = torch.cat([ref, ddim4, perflow4])
+        pixels = self.vae.decode(self.base.latent_format.process_out(latents))
+        save_grid(path, pixels.float().movedim(-1, 1) * 2 - 1, nrow=n)  # VAE: [B, H, W, 3] in [0, 1]
+        return {
+            "mse_perflow4_vs_teacher": ((perflow4 - ref) ** 2).mean().item(),
+            "mse_ddim4_vs_teacher": ((ddim4 - ref) ** 2).mean().item(),
+        }
 
 
 def _opt(y: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -1,10 +1,11 @@
-"""DDIM sampling for the toy eps-prediction teacher on the project's t convention, and a PNG grid writer.
+"""DDIM sampling on the project's t convention (any eps function; a wrapper for the toy teacher), PNG grid writer.
 
 Convention: t in [0, 1], t = 1 is noise; the network gets timestep t*1000 and the noise level at t is
 alphas_cumprod[t*1000 - 1]. At t = 0 we use alpha_cumprod = 1 (diffusers' set_alpha_to_one=True), so the last
 DDIM step returns the x0 prediction itself rather than re-noising it to alphas_cumprod[0].
 """
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,28 @@ def predict_eps(model, x: torch.Tensor, t: float, labels: torch.Tensor, cfg: flo
 
 
 @torch.no_grad()
+def ddim_solve(
+    eps_fn: Callable[[torch.Tensor, float], torch.Tensor],
+    noise: torch.Tensor,
+    steps: int,
+    spacing: str = "trailing",
+    alphas_cumprod: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) over any eps-prediction `eps_fn(x, t) -> eps` (t a float in [0, 1], guidance
+    already applied), from x = noise at the first t of `ddim_times` down to t = 0 (alpha = 1): returns x0."""
+    ac = sd_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
+    times = ddim_times(steps, spacing)
+    abar = alpha_bar(times, ac)
+    x = noise
+    for i in range(steps):
+        a, a_prev = abar[i].to(x), abar[i + 1].to(x)
+        eps = eps_fn(x, float(times[i]))
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()  # DDIM eq. 12: x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps  # x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps
+    return x
+
+
+@torch.no_grad()
 def ddim_sample(
     model,
     noise: torch.Tensor,
@@ -53,17 +76,8 @@ def ddim_sample(
     spacing: str = "trailing",
     alphas_cumprod: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0) from x = noise at the first t down to t = 0; returns x0 in about [-1, 1]."""
-    ac = sd_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
-    times = ddim_times(steps, spacing)
-    abar = alpha_bar(times, ac)
-    x = noise
-    for i in range(steps):
-        a, a_prev = abar[i].to(x), abar[i + 1].to(x)
-        eps = predict_eps(model, x, float(times[i]), labels, cfg)
-        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()  # DDIM eq. 12: x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)
-        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps  # x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps
-    return x
+    """DDIM of the toy model (`ddim_solve` with `predict_eps`); returns x0 in about [-1, 1]."""
+    return ddim_solve(lambda x, t: predict_eps(model, x, t, labels, cfg), noise, steps, spacing, alphas_cumprod)
 
 
 def save_grid(path: str | Path, images: torch.Tensor, nrow: int, pad: int = 2, scale: int = 1) -> None:

@@ -192,7 +192,10 @@ class ToyBackend:
 
         def model(x, s):
             d_c = denoised(x, s, labels)
-            return d_c if s_cfg == 1.0 else denoised(x, s, null) + s_cfg * (d_c - denoised(x, s, null))
+            if s_cfg == 1.0:
+                return d_c
+            d_u = denoised(x, s, null)
+            return d_u + s_cfg * (d_c - d_u)
 
         sigmas = perflow_sigmas(4, args.windows).to(self.device)
         x = ms.noise_scaling(sigmas[0], noise, torch.zeros_like(noise), max_denoise=True)
