@@ -6,8 +6,10 @@ import logging
 # e.g. ComfyUI-PeRFlow; only a package import (ComfyUI's) wires up the nodes.
 if __package__:
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    from .nodes.delta_loader import register_folder
     from .nodes.sampler import register_sampler_and_scheduler
 
+    register_folder()  # models/perflow, listed by the Delta Loader
     try:
         register_sampler_and_scheduler()
     except (ImportError, AttributeError) as e:  # an older or changed ComfyUI: the dedicated nodes still work
