@@ -1,5 +1,6 @@
 """CI check of the reproduction benchmark: `--quick` produces every row, finite numbers, and its outputs."""
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -65,6 +66,7 @@ def test_quick_benchmark_produces_every_row(tmp_path):
     assert numbers and all(math.isfinite(v) for v in numbers)
     assert len(out["trend"]) >= 2 and len(out["cost"]["train"]) == 5 and len(out["cost"]["delta_rss"]) >= 2
     assert len(out["targets"]) == 7
-    for name in ("results.md", "error_vs_nfe.png", "trend.png", "perflow_delta_K4.safetensors"):
+    plots = ("error_vs_nfe.png", "trend.png") if importlib.util.find_spec("matplotlib") else ()  # optional dependency
+    for name in ("results.md", "perflow_delta_K4.safetensors", *plots):
         assert (tmp_path / name).is_file(), name
     assert len(list((tmp_path / "grids").glob("*.png"))) == len(got)

@@ -107,9 +107,10 @@ def test_two_process_gloo_matches_one_process(toy, tmp_path):
     # Same gradients every step (Adam moments). Parameters whose gradient is pure rounding noise (biases right
     # before a GroupNorm, which cancels them) get Adam's full-size steps in both runs with random signs: skip those.
     s1, s2 = c1["optimizer"]["state"], c2["optimizer"]["state"]
+    noise_floor = 1e-6 * max(float(s["exp_avg"].abs().max()) for s in s1.values())  # rounding, across torch builds
     for i, k in enumerate(c1["student"]):
         m1, m2 = s1[i]["exp_avg"], s2[i]["exp_avg"]
-        assert (m1 - m2).abs().max() <= 1e-4 * m1.abs().max() + 1e-9, k
+        assert (m1 - m2).abs().max() <= 1e-4 * m1.abs().max() + noise_floor, k
         real = s1[i]["exp_avg_sq"].sqrt() > 1e-7
         torch.testing.assert_close(c1["student"][k][real], c2["student"][k][real], atol=1e-6, rtol=1e-5, msg=k)
 
