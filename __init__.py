@@ -2,8 +2,8 @@
 
 import logging
 
-# pytest imports this file on its own (no parent package) when the checkout's folder name is not an identifier,
-# e.g. ComfyUI-PeRFlow; only a package import (ComfyUI's) wires up the nodes.
+# ComfyUI imports this file as a package. A bare import (a tool scanning the checkout, whose folder name such as
+# ComfyUI-PeRFlow is no identifier) does nothing; tests/pytest.ini keeps pytest itself away from this file.
 if __package__:
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
     from .nodes.delta_loader import register_folder
