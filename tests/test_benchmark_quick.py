@@ -23,7 +23,9 @@ def expected_rows() -> set[tuple]:
         rows |= {("main", "teacher", "dpmpp_2m", s, cfg) for s in (4, 8)}
         rows |= {("main", "teacher (no delta)", "perflow-K4", 4, cfg), ("main", "perflow", "perflow-K2", 2, cfg)}
         rows |= {("main", "perflow", "perflow-K4", s, cfg) for s in (4, 8)}
-        rows |= {("param", f"{p} 3s", "perflow-K4", 4, cfg) for p in ("diff_eps", "velocity")}
+        rows |= {
+            ("param", f"{p} 3s grid {g}", "perflow-K4", 4, cfg) for p in ("diff_eps", "velocity") for g in (1000, 8)
+        }
         pnp = [("finetune+delta", "perflow-K4"), ("finetune", "perflow-K4"), ("finetune", "ddim")]
         rows |= {("plug_and_play", m, s, 4, cfg) for m, s in pnp}
         rows |= {("plug_and_play", "teacher", "ddim", 100, cfg)}
