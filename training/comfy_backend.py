@@ -180,11 +180,8 @@ class ComfyBackend:
         from the same seeded noises, decoded by the checkpoint's VAE into one PNG; latent-space MSEs to row 1."""
         from torch.func import functional_call
 
-        from perflow_core.model_sampling import PeRFlowModelSampling
-        from perflow_core.sampling import sample_perflow
-        from perflow_core.schedule import perflow_sigmas
         from training.reflow import guided_eps
-        from training.toy_sampling import ddim_solve, save_grid
+        from training.toy_sampling import ddim_solve, perflow_solve, save_grid
 
         n = min(captions, len(self.items))
         cond, null = self._sample_conds(n)
@@ -201,24 +198,10 @@ class ComfyBackend:
         ddim4 = ddim_solve(teacher, noise, 4, alphas_cumprod=ac)
         # the live student module run with `weights` (EMA or student) swapped in, without copying the UNet
         student = self.student_fn(lambda *a, **k: functional_call(self.student, weights, a, k, strict=False))
-        ms = PeRFlowModelSampling(args.parameterization, args.windows, ac).to(self.device)
-
-        def denoised(x, s, c):
-            return ms.calculate_denoised(s, student(ms.calculate_input(s, x), s, c).float(), x)
-
-        def model(x, s):
-            d_c = denoised(x, s, cond)
-            if s_cfg == 1.0:
-                return d_c
-            d_u = denoised(x, s, null)
-            return d_u + s_cfg * (d_c - d_u)
-
         was_training = self.student.training
         self.student.eval()
         try:
-            sigmas = perflow_sigmas(4, args.windows).to(self.device)
-            x = ms.noise_scaling(sigmas[0], noise, torch.zeros_like(noise), max_denoise=True)
-            perflow4 = sample_perflow(model, x, sigmas, disable=True)
+            perflow4 = perflow_solve(student, noise, cond, null, s_cfg, args.parameterization, args.windows, ac)
         finally:
             self.student.train(was_training)
         latents = torch.cat([ref, ddim4, perflow4])

@@ -1,4 +1,4 @@
-"""DDIM sampling on the project's t convention (any eps function; a wrapper for the toy teacher), PNG grid writer.
+"""DDIM and PeRFlow sampling on the project's t convention (any eps function; wrappers for the toy), PNG grid writer.
 
 Convention: t in [0, 1], t = 1 is noise; the network gets timestep t*1000 and the noise level at t is
 alphas_cumprod[t*1000 - 1]. At t = 0 we use alpha_cumprod = 1 (diffusers' set_alpha_to_one=True), so the last
@@ -12,7 +12,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from perflow_core.schedule import alphas_cumprod_at, sd_alphas_cumprod
+from perflow_core.model_sampling import PeRFlowModelSampling
+from perflow_core.sampling import sample_perflow
+from perflow_core.schedule import alphas_cumprod_at, perflow_sigmas, sd_alphas_cumprod
 
 
 def ddim_times(steps: int, spacing: str = "trailing") -> torch.Tensor:
@@ -78,6 +80,37 @@ def ddim_sample(
 ) -> torch.Tensor:
     """DDIM of the toy model (`ddim_solve` with `predict_eps`); returns x0 in about [-1, 1]."""
     return ddim_solve(lambda x, t: predict_eps(model, x, t, labels, cfg), noise, steps, spacing, alphas_cumprod)
+
+
+@torch.no_grad()
+def perflow_solve(
+    eps_fn: Callable,
+    noise: torch.Tensor,
+    cond,
+    null_cond,
+    cfg: float,
+    parameterization: str,
+    num_windows: int,
+    alphas_cumprod: torch.Tensor | None = None,
+    steps: int = 4,
+) -> torch.Tensor:
+    """PeRFlow sampling of a student eps_fn(x, t, cond) (t in [0, 1] per item) through PeRFlowModelSampling and
+    sample_perflow, as ComfyUI runs it; guidance d_u + cfg (d_c - d_u) on the x0 estimates, as ComfyUI's CFG."""
+    ms = PeRFlowModelSampling(parameterization, num_windows, alphas_cumprod).to(noise.device)
+
+    def denoised(x, s, c):
+        return ms.calculate_denoised(s, eps_fn(ms.calculate_input(s, x), s, c).float(), x)
+
+    def model(x, s):
+        d_c = denoised(x, s, cond)
+        if cfg == 1.0:
+            return d_c
+        d_u = denoised(x, s, null_cond)
+        return d_u + cfg * (d_c - d_u)
+
+    sigmas = perflow_sigmas(steps, num_windows).to(noise.device)
+    x = ms.noise_scaling(sigmas[0], noise, torch.zeros_like(noise), max_denoise=True)
+    return sample_perflow(model, x, sigmas, disable=True)
 
 
 def save_grid(path: str | Path, images: torch.Tensor, nrow: int, pad: int = 2, scale: int = 1) -> None:

@@ -24,10 +24,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from perflow_core.delta_format import save_delta, state_dict_hash
-from perflow_core.model_sampling import PeRFlowModelSampling
 from perflow_core.parameterization import PARAMETERIZATIONS
-from perflow_core.sampling import sample_perflow
-from perflow_core.schedule import perflow_sigmas, sd_alphas_cumprod
+from perflow_core.schedule import sd_alphas_cumprod
 from training import reflow
 from training.checkpointing import atomic_torch_save, load_checkpoint, rng_states, set_rng_states
 
@@ -171,7 +169,7 @@ class ToyBackend:
     @torch.no_grad()
     def sample_grid(self, weights: dict[str, torch.Tensor], args, path: Path) -> dict:
         """Rows: teacher DDIM-many, teacher DDIM-4, student PeRFlow-4, same noises and labels; MSEs to row 1."""
-        from training.toy_sampling import ddim_sample, save_grid
+        from training.toy_sampling import ddim_sample, perflow_solve, save_grid
 
         student = copy.deepcopy(self.teacher)
         student.load_state_dict(weights)
@@ -183,23 +181,11 @@ class ToyBackend:
         s_cfg = 1.0 if args.cfg_mode == "fixed" else args.sample_cfg
         ref = ddim_sample(self.teacher, noise, labels, args.sample_teacher_steps, cfg=t_cfg)
         ddim4 = ddim_sample(self.teacher, noise, labels, 4, cfg=t_cfg)
-        ms = PeRFlowModelSampling(args.parameterization, args.windows).to(self.device)
         null = torch.full_like(labels, nc)
-
-        def denoised(x, s, lab):
-            out = student(ms.calculate_input(s, x), ms.timestep(s), lab)
-            return ms.calculate_denoised(s, out, x)
-
-        def model(x, s):
-            d_c = denoised(x, s, labels)
-            if s_cfg == 1.0:
-                return d_c
-            d_u = denoised(x, s, null)
-            return d_u + s_cfg * (d_c - d_u)
-
-        sigmas = perflow_sigmas(4, args.windows).to(self.device)
-        x = ms.noise_scaling(sigmas[0], noise, torch.zeros_like(noise), max_denoise=True)
-        perflow4 = sample_perflow(model, x, sigmas, disable=True)
+        perflow4 = perflow_solve(
+            lambda x, t, lab: student(x, t * 1000.0, lab), noise, labels, null, s_cfg, args.parameterization,
+            args.windows,
+        )  # fmt: skip
         save_grid(path, torch.cat([ref, ddim4, perflow4]), nrow=len(labels), scale=4)
         return {
             "mse_perflow4_vs_teacher": ((perflow4.clamp(-1, 1) - ref.clamp(-1, 1)) ** 2).mean().item(),
