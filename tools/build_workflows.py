@@ -155,6 +155,14 @@ def sd15_text(g, clip, x=420, y=60):
     return pos, neg
 
 
+def perflow_ksampler(g, model, positive, negative, latent, steps, cfg, denoise):
+    """The stock KSampler with sampler and scheduler 'perflow' and the shared seed."""
+    return g.add(
+        "KSampler", (850, 60), seed=SEED, steps=steps, cfg=cfg, sampler_name="perflow", scheduler="perflow",
+        denoise=denoise, model=model, positive=positive, negative=negative, latent_image=latent,
+    )  # fmt: skip
+
+
 def decode_save(g, latent, vae, prefix, x=1270):
     img = g.add("VAEDecode", (x, 60), samples=(latent, 0), vae=(vae, 2))
     g.add("SaveImage", (x, 180), filename_prefix=prefix, images=(img, 0))
@@ -182,20 +190,7 @@ def sd15_delta_t2i(steps):
     )
     pos, neg = sd15_text(g, ckpt)
     lat = g.add("EmptyLatentImage", (420, 760), width=512, height=512, batch_size=1)
-    ks = g.add(
-        "KSampler",
-        (850, 60),
-        seed=SEED,
-        steps=steps,
-        cfg=4.5,
-        sampler_name="perflow",
-        scheduler="perflow",
-        denoise=1.0,
-        model=(delta, 0),
-        positive=(pos, 0),
-        negative=(neg, 0),
-        latent_image=(lat, 0),
-    )
+    ks = perflow_ksampler(g, (delta, 0), (pos, 0), (neg, 0), (lat, 0), steps=steps, cfg=4.5, denoise=1.0)
     decode_save(g, ks, ckpt, f"perflow/sd15_{steps}step")
     return g
 
@@ -237,20 +232,7 @@ def sd15_finetune_lora():
     )
     neg = g.add("CLIPTextEncode", (420, 290), "Negative prompt", text=NEGATIVE, clip=(lora, 1))
     lat = g.add("EmptyLatentImage", (420, 760), width=512, height=512, batch_size=1)
-    ks = g.add(
-        "KSampler",
-        (850, 60),
-        seed=SEED,
-        steps=4,
-        cfg=4.5,
-        sampler_name="perflow",
-        scheduler="perflow",
-        denoise=1.0,
-        model=(delta, 0),
-        positive=(pos, 0),
-        negative=(neg, 0),
-        latent_image=(lat, 0),
-    )
+    ks = perflow_ksampler(g, (delta, 0), (pos, 0), (neg, 0), (lat, 0), steps=4, cfg=4.5, denoise=1.0)
     decode_save(g, ks, ckpt, "perflow/sd15_dreamshaper_lora")
     return g
 
@@ -271,20 +253,7 @@ def sdxl_merged():
     ms = g.add("PeRFlowModelSampling", (420, 540), parameterization="ddim_eps", num_windows=4, model=(unet, 0))
     pos, neg = sd15_text(g, ckpt)
     lat = g.add("EmptyLatentImage", (420, 760), width=1024, height=1024, batch_size=1)
-    ks = g.add(
-        "KSampler",
-        (850, 60),
-        seed=SEED,
-        steps=6,
-        cfg=2.0,
-        sampler_name="perflow",
-        scheduler="perflow",
-        denoise=1.0,
-        model=(ms, 0),
-        positive=(pos, 0),
-        negative=(neg, 0),
-        latent_image=(lat, 0),
-    )
+    ks = perflow_ksampler(g, (ms, 0), (pos, 0), (neg, 0), (lat, 0), steps=6, cfg=2.0, denoise=1.0)
     decode_save(g, ks, ckpt, "perflow/sdxl_6step")
     return g
 
@@ -306,20 +275,7 @@ def sd21_merged():
     pos = g.add("CLIPTextEncode", (420, 60), "Positive prompt", text=POSITIVE, clip=(clip, 0))
     neg = g.add("CLIPTextEncode", (420, 290), "Negative prompt", text=NEGATIVE, clip=(clip, 0))
     lat = g.add("EmptyLatentImage", (420, 760), width=768, height=768, batch_size=1)
-    ks = g.add(
-        "KSampler",
-        (850, 60),
-        seed=SEED,
-        steps=8,
-        cfg=7.5,
-        sampler_name="perflow",
-        scheduler="perflow",
-        denoise=1.0,
-        model=(ms, 0),
-        positive=(pos, 0),
-        negative=(neg, 0),
-        latent_image=(lat, 0),
-    )
+    ks = perflow_ksampler(g, (ms, 0), (pos, 0), (neg, 0), (lat, 0), steps=8, cfg=7.5, denoise=1.0)
     img = g.add("VAEDecode", (1270, 60), samples=(ks, 0), vae=(vae, 0))
     g.add("SaveImage", (1270, 180), filename_prefix="perflow/sd21_8step", images=(img, 0))
     return g
@@ -360,20 +316,7 @@ def sd15_img2img_tile():
         image=(scaled, 0),
         vae=(ckpt, 2),
     )
-    ks = g.add(
-        "KSampler",
-        (850, 60),
-        seed=SEED,
-        steps=4,
-        cfg=4.5,
-        sampler_name="perflow",
-        scheduler="perflow",
-        denoise=0.5,
-        model=(delta, 0),
-        positive=(apply, 0),
-        negative=(apply, 1),
-        latent_image=(enc, 0),
-    )
+    ks = perflow_ksampler(g, (delta, 0), (apply, 0), (apply, 1), (enc, 0), steps=4, cfg=4.5, denoise=0.5)
     decode_save(g, ks, ckpt, "perflow/sd15_refine_tile")
     return g
 
@@ -408,20 +351,7 @@ def sd15_cfg_schedule():
     )
     pos, neg = sd15_text(g, ckpt)
     lat = g.add("EmptyLatentImage", (420, 800), width=512, height=512, batch_size=1)
-    ks = g.add(
-        "KSampler",
-        (850, 60),
-        seed=SEED,
-        steps=4,
-        cfg=7.0,
-        sampler_name="perflow",
-        scheduler="perflow",
-        denoise=1.0,
-        model=(sched, 0),
-        positive=(pos, 0),
-        negative=(neg, 0),
-        latent_image=(lat, 0),
-    )
+    ks = perflow_ksampler(g, (sched, 0), (pos, 0), (neg, 0), (lat, 0), steps=4, cfg=7.0, denoise=1.0)
     decode_save(g, ks, ckpt, "perflow/sd15_cfg_schedule")
     return g
 
