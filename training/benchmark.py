@@ -36,7 +36,7 @@ from perflow_core.schedule import perflow_sigmas, sd_alphas_cumprod  # noqa: E40
 from training.reflow import EMA, ReflowConfig, draw_reflow_noise, make_optimizer, make_reflow_batch, train_step  # noqa: E402
 from training.toy_data import DEFAULT_DATA, load_toy_data  # noqa: E402
 from training.toy_model import load_toy_model  # noqa: E402
-from training.toy_sampling import save_grid  # noqa: E402
+from training.toy_sampling import predict_eps, save_grid  # noqa: E402
 
 TEACHER = REPO / "training" / "teacher" / "toy_teacher.safetensors"
 CFGS = (1.0, 2.5)
@@ -116,20 +116,14 @@ def normal_times(steps: int) -> list[float]:
 
 
 class EpsFn:
-    """Classifier-free-guided eps of a toy eps network, chunked, counting network evaluations per sample (NFE)."""
+    """Classifier-free-guided eps of a toy eps network for a chunk of the fixed labels (toy_sampling.predict_eps)."""
 
     def __init__(self, net: nn.Module, labels: torch.Tensor):
-        self.net, self.labels, self.nfe = net, labels, 0
+        self.net, self.labels = net, labels
 
     def __call__(self, x: torch.Tensor, t: float, cfg: float, idx: slice) -> torch.Tensor:
         """eps_u + cfg (eps_c - eps_u) at scalar t for the batch items idx (Ho & Salimans 2022)."""
-        y = self.labels[idx]
-        ts = torch.full((x.shape[0],), t * 1000.0, device=x.device)
-        if cfg == 1.0:
-            return self.net(x, ts, y)
-        null = torch.full_like(y, self.net.num_classes)
-        eps_c, eps_u = self.net(torch.cat([x, x]), torch.cat([ts, ts]), torch.cat([y, null])).chunk(2)
-        return eps_u + cfg * (eps_c - eps_u)
+        return predict_eps(self.net, x, t, self.labels[idx], cfg)
 
 
 def ddim_chunk(eps: EpsFn, x: torch.Tensor, times: list[float], cfg: float, ac: torch.Tensor, idx: slice):
