@@ -26,6 +26,9 @@ def expected_rows() -> set[tuple]:
         rows |= {
             ("param", f"{p} 3s grid {g}", "perflow-K4", 4, cfg) for p in ("diff_eps", "velocity") for g in (1000, 8)
         }
+        rows |= {
+            ("param", f"{p} 1.5s grid {g}", "perflow-K4", 4, 1.0) for p in ("diff_eps", "velocity") for g in (1000, 8)
+        }
         pnp = [("finetune+delta", "perflow-K4"), ("finetune", "perflow-K4"), ("finetune", "ddim")]
         rows |= {("plug_and_play", m, s, 4, cfg) for m, s in pnp}
         rows |= {("plug_and_play", "teacher", "ddim", 100, cfg)}
@@ -64,11 +67,14 @@ def test_quick_benchmark_produces_every_row(tmp_path):
     got = [(r["group"], r["model"], r["sampler"], r["steps"], r["cfg"]) for r in out["records"]]
     assert len(got) == len(set(got))
     assert set(got) == expected_rows()
-    numbers = finite_numbers({k: out[k] for k in ("records", "trend", "cost")})
+    numbers = finite_numbers({k: out[k] for k in ("records", "trend", "cost", "param_curve")})
     assert numbers and all(math.isfinite(v) for v in numbers)
     assert len(out["trend"]) >= 2 and len(out["cost"]["train"]) == 5 and len(out["cost"]["delta_rss"]) >= 2
     assert len(out["targets"]) == 7
-    plots = ("error_vs_nfe.png", "trend.png") if importlib.util.find_spec("matplotlib") else ()  # optional dependency
+    assert len(out["param_curve"]) == 8 and all(p["seconds"] >= p["mark"] for p in out["param_curve"])
+    plots = (
+        ("error_vs_nfe.png", "trend.png", "param_vs_time.png") if importlib.util.find_spec("matplotlib") else ()
+    )  # optional dependency
     for name in ("results.md", "perflow_delta_K4.safetensors", *plots):
         assert (tmp_path / name).is_file(), name
     assert len(list((tmp_path / "grids").glob("*.png"))) == len(got)
