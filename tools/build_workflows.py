@@ -163,6 +163,14 @@ def perflow_ksampler(g, model, positive, negative, latent, steps, cfg, denoise):
     )  # fmt: skip
 
 
+def sd15_delta(g, model, pos):
+    """PeRFlow Delta Loader with the published SD1.5 delta at strength 1, settings read from the file."""
+    return g.add(
+        "PeRFlowDeltaLoader", pos, dl=SD15_DELTA, delta_name=SD15_DELTA.name, strength=1.0, parameterization="auto",
+        num_windows=0, model=model,
+    )  # fmt: skip
+
+
 def decode_save(g, latent, vae, prefix, x=1270):
     img = g.add("VAEDecode", (x, 60), samples=(latent, 0), vae=(vae, 2))
     g.add("SaveImage", (x, 180), filename_prefix=prefix, images=(img, 0))
@@ -178,16 +186,7 @@ def sd15_delta_t2i(steps):
         + "Swap in any SD1.5 fine-tune in the checkpoint loader.",
     )
     ckpt = g.add("CheckpointLoaderSimple", (40, 200), dl=SD15, ckpt_name=SD15.name)
-    delta = g.add(
-        "PeRFlowDeltaLoader",
-        (420, 540),
-        dl=SD15_DELTA,
-        delta_name=SD15_DELTA.name,
-        strength=1.0,
-        parameterization="auto",
-        num_windows=0,
-        model=(ckpt, 0),
-    )
+    delta = sd15_delta(g, (ckpt, 0), (420, 540))
     pos, neg = sd15_text(g, ckpt)
     lat = g.add("EmptyLatentImage", (420, 760), width=512, height=512, batch_size=1)
     ks = perflow_ksampler(g, (delta, 0), (pos, 0), (neg, 0), (lat, 0), steps=steps, cfg=4.5, denoise=1.0)
@@ -213,16 +212,7 @@ def sd15_finetune_lora():
         model=(ckpt, 0),
         clip=(ckpt, 1),
     )
-    delta = g.add(
-        "PeRFlowDeltaLoader",
-        (420, 540),
-        dl=SD15_DELTA,
-        delta_name=SD15_DELTA.name,
-        strength=1.0,
-        parameterization="auto",
-        num_windows=0,
-        model=(lora, 0),
-    )
+    delta = sd15_delta(g, (lora, 0), (420, 540))
     pos = g.add(
         "CLIPTextEncode",
         (420, 60),
@@ -289,16 +279,7 @@ def sd15_img2img_tile():
         "with ControlNet tile holding the layout. 4 steps, cfg 4.5. Upload your own image in Load Image.",
     )
     ckpt = g.add("CheckpointLoaderSimple", (40, 200), dl=SD15, ckpt_name=SD15.name)
-    delta = g.add(
-        "PeRFlowDeltaLoader",
-        (40, 380),
-        dl=SD15_DELTA,
-        delta_name=SD15_DELTA.name,
-        strength=1.0,
-        parameterization="auto",
-        num_windows=0,
-        model=(ckpt, 0),
-    )
+    delta = sd15_delta(g, (ckpt, 0), (40, 380))
     pos, neg = sd15_text(g, ckpt)
     load = g.add("LoadImage", (40, 620), image="example.png")
     scaled = g.add("ImageScaleToTotalPixels", (420, 620), upscale_method="lanczos", megapixels=1.0, image=(load, 0))
@@ -330,16 +311,7 @@ def sd15_cfg_schedule():
         "evaluations instead of 8. Try mode 'ramp' for a linear ramp from ramp_start to ramp_end.",
     )
     ckpt = g.add("CheckpointLoaderSimple", (40, 200), dl=SD15, ckpt_name=SD15.name)
-    delta = g.add(
-        "PeRFlowDeltaLoader",
-        (40, 380),
-        dl=SD15_DELTA,
-        delta_name=SD15_DELTA.name,
-        strength=1.0,
-        parameterization="auto",
-        num_windows=0,
-        model=(ckpt, 0),
-    )
+    delta = sd15_delta(g, (ckpt, 0), (40, 380))
     sched = g.add(
         "PeRFlowCFGSchedule",
         (420, 540),
@@ -364,16 +336,7 @@ def sd15_custom_advanced():
         "PeRFlow Sampler and PeRFlow Scheduler (4 steps) into SamplerCustomAdvanced.",
     )
     ckpt = g.add("CheckpointLoaderSimple", (40, 200), dl=SD15, ckpt_name=SD15.name)
-    delta = g.add(
-        "PeRFlowDeltaLoader",
-        (40, 380),
-        dl=SD15_DELTA,
-        delta_name=SD15_DELTA.name,
-        strength=1.0,
-        parameterization="auto",
-        num_windows=0,
-        model=(ckpt, 0),
-    )
+    delta = sd15_delta(g, (ckpt, 0), (40, 380))
     pos, neg = sd15_text(g, ckpt)
     noise = g.add("RandomNoise", (850, 60), noise_seed=SEED)
     guider = g.add("CFGGuider", (850, 180), cfg=4.5, model=(delta, 0), positive=(pos, 0), negative=(neg, 0))
