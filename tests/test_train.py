@@ -69,7 +69,7 @@ def test_delta_file_is_student_minus_teacher(toy, tmp_path):
     with safe_open(out / "perflow_delta.safetensors", "pt") as f:
         meta = f.metadata()
     assert meta["base_architecture"] == "toy" and meta["parameterization"] == "diff_eps"
-    assert meta["num_windows"] == "4" and meta["steps_trained"] == "3" and meta["cfg_mode"] == "cfg_sync"
+    assert meta["num_windows"] == "4" and meta["steps_trained"] == "3" and meta["cfg_mode"] == "sync"
     assert meta["base_hash"] == state_dict_hash(teacher)
 
 
