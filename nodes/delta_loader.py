@@ -18,6 +18,7 @@ from ..perflow_core.delta_keys import (
     resolve_num_windows,
     resolve_parameterization,
 )
+from ..perflow_core.number_parsing import finite
 from ..perflow_core.parameterization import PARAMETERIZATIONS
 from ..perflow_core.safetensors_file import DeltaFileError
 from .model_sampling import CATEGORY, with_perflow_sampling
@@ -95,6 +96,7 @@ def weight_patches(model, wf: WeightFile) -> tuple[dict, str]:
 
 def load_delta(model, path: str, strength: float, parameterization: str, num_windows: int):
     """(patched clone with PeRFlow sampling, summary); the input model is never modified."""
+    strength = finite(strength, "strength")
     wf = read_weight_file(path)
     log.info("PeRFlow: %s is a %s file (%s)", os.path.basename(path), wf.format, ARCH_NAMES[wf.architecture])
     try:

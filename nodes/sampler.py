@@ -4,7 +4,7 @@ import logging
 
 from ..perflow_core.model_sampling import PeRFlowModelSampling
 from ..perflow_core.sampling import sample_perflow
-from ..perflow_core.schedule import perflow_sigmas
+from ..perflow_core.schedule import perflow_sigmas, stock_scheduler_sigmas
 from .model_sampling import ADD_SAMPLING_HINT, CATEGORY, perflow_model_sampling
 
 log = logging.getLogger("perflow")
@@ -14,7 +14,7 @@ def scheduler_sigmas(model_sampling, steps: int):
     """The stock-scheduler handler: PeRFlow's schedule for a PeRFlow-patched model, a clear error otherwise."""
     if not isinstance(model_sampling, PeRFlowModelSampling):
         raise ValueError(f"The 'perflow' scheduler needs a PeRFlow model; {ADD_SAMPLING_HINT}.")
-    return perflow_sigmas(steps, model_sampling.num_windows)
+    return stock_scheduler_sigmas(steps, model_sampling.num_windows)
 
 
 def register_sampler_and_scheduler() -> None:
