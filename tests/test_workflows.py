@@ -69,6 +69,21 @@ def test_note_names_every_model_with_url_folder_and_licence(name):
     assert "CC-BY-NC-4.0" in text and "licence" in text
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_opens_with_everything_visible(name):
+    """At the saved zoom in a 1920x1080 window: Note top-left, every node on screen, none under another or the
+    minimap (node sizes as the frontend draws them; tools/workflows_tool.py view_problems)."""
+    assert wt.view_problems(load(wt.WORKFLOWS / f"{name}.json")) == []
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_delta_loader_summary_is_shown(name):
+    api = load(wt.API_DIR / f"{name}.json")
+    loaders = [nid for nid, e in api.items() if e["class_type"] == "PeRFlowDeltaLoader"]
+    previews = [e["inputs"]["source"] for e in api.values() if e["class_type"] == "PreviewAny"]
+    assert all([nid, 1] in previews for nid in loaders)
+
+
 # ---------------------------------------------------------------- with a real ComfyUI
 
 
