@@ -117,7 +117,7 @@ def node(class_type: str):
 
 
 def call(class_type: str, **inputs) -> tuple:
-    """Call a V1 node's FUNCTION directly and return its output tuple."""
+    """Call a node's FUNCTION directly: a V1 tuple, or a V3 NodeOutput (indexes and unpacks like one)."""
     obj = node(class_type)
     return getattr(obj, obj.FUNCTION)(**inputs)
 
