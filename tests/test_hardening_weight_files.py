@@ -244,3 +244,13 @@ def test_any_damaged_file_raises_delta_file_error_or_reads_finite(tmp_path, vali
     except DeltaFileError:
         return
     assert all(t.is_floating_point() and torch.isfinite(t).all() for t in wf.tensors.values())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_a_non_finite_value_past_the_first_check_chunk_is_found(tmp_path, bad, dtype):
+    t = torch.zeros((1 << 20) * 2 + 5, dtype=dtype)
+    t[-1] = bad
+    save_file({"diffusion_model.x.weight": t}, str(tmp_path / "d.safetensors"))
+    with pytest.raises(DeltaFileError, match="NaN or inf"):
+        read_weight_file(tmp_path / "d.safetensors")
