@@ -27,9 +27,11 @@ ADD_SAMPLING_HINT = "add a 'PeRFlow Model Sampling' or 'PeRFlow Delta Loader' no
 
 def comfyui_too_old() -> str | None:
     """Why the running ComfyUI cannot host this pack (a one-line message naming the fix), or None when it can."""
-    import comfy.patcher_extension
-
-    if hasattr(comfy.patcher_extension.WrappersMP, "PREDICT_NOISE"):
+    try:
+        from comfy.patcher_extension import WrappersMP
+    except ImportError:  # older than 0.3.10
+        WrappersMP = None
+    if hasattr(WrappersMP, "PREDICT_NOISE"):
         return None
     try:
         from comfyui_version import __version__ as found

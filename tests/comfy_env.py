@@ -98,13 +98,15 @@ def load_pack(pack_root: Path = REPO_ROOT, name: str = PACK_NAME) -> set:
         link.unlink()
     if not link.exists():
         link.symlink_to(pack_root, target_is_directory=True)
-    before = set(nodes.NODE_CLASS_MAPPINGS)
     ok = asyncio.run(nodes.load_custom_node(str(link), ignore=_STATE["builtin"], module_parent="custom_nodes"))
     if not ok:
         raise RuntimeError(f"IMPORT FAILED: node pack {pack_root} (ComfyUI logged the reason above)")
     mapping = getattr(sys.modules[str(link).replace(".", "_x_")], "NODE_CLASS_MAPPINGS", None)
-    if mapping is None:  # a V3 pack (comfy_entrypoint)
-        return set(nodes.NODE_CLASS_MAPPINGS) - before
+    if mapping is None:  # a V3 pack (comfy_entrypoint): ComfyUI tags each node class with the pack it came from
+        module = f"custom_nodes.{name}"
+        return {
+            k for k, cls in nodes.NODE_CLASS_MAPPINGS.items() if getattr(cls, "RELATIVE_PYTHON_MODULE", "") == module
+        }
     return {k for k, cls in mapping.items() if nodes.NODE_CLASS_MAPPINGS.get(k) is cls}
 
 

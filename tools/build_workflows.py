@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tools.workflows_tool import (
     API_DIR,
+    FRONTEND_WIDGETS,
     TITLE_H,
     VIEW,
     WORKFLOWS,
@@ -182,7 +183,7 @@ def sd15_delta(g, model, pos):
         "PeRFlowDeltaLoader", pos, dl=SD15_DELTA, delta_name=SD15_DELTA.name, strength=1.0, parameterization="auto",
         num_windows=0, model=model,
     )  # fmt: skip
-    g.add("PreviewAny", (pos[0], pos[1] + 1), "PeRFlow summary", source=(delta, 1))
+    g.add("PreviewAny", (pos[0], pos[1] + 1), "PeRFlow summary", source=(delta, 1), **FRONTEND_WIDGETS["PreviewAny"])
     return delta
 
 

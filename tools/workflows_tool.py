@@ -22,6 +22,9 @@ VIRTUAL_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_NAMES = {"seed", "noise_seed"}  # the frontend adds control_after_generate to these even without the flag
 ANY_TYPE = "*"  # an input that takes any output type (Preview Any's source)
+# Widgets the frontend adds on its own and sends in the prompt (ComfyUI drops inputs a node does not declare):
+# Preview Any's read-only text box.
+FRONTEND_WIDGETS = {"PreviewAny": {"preview": ""}}
 # LiteGraph's geometry in ComfyUI's frontend: the title bar is drawn ABOVE a node's pos; the body holds one row per
 # socket (the longer of inputs and outputs) and one per widget (20 px + 4 spacing, +8 below the last), +6 margin.
 # This reproduces the frontend's own sizes (KSampler 315x262, CheckpointLoaderSimple 315x98, VAEDecode 315x46).
@@ -223,6 +226,7 @@ def ui_to_api(ui: dict, schema: dict) -> dict:
             if inp.get("link") is not None:
                 _, src, sslot, *_ = links[inp["link"]]
                 inputs[inp["name"]] = [str(src), sslot]
+        inputs.update(FRONTEND_WIDGETS.get(n["type"], {}))
         entry = {"inputs": inputs, "class_type": n["type"]}
         entry["_meta"] = {"title": n.get("title") or n["type"]}
         prompt[str(n["id"])] = entry
