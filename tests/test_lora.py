@@ -239,6 +239,21 @@ def test_write_lora_refuses_tensors_that_are_not_a_lora(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(("width", "arch"), [(768, "sdxl"), (2048, "sd15"), (1024, "toy")])
+def test_write_lora_refuses_an_architecture_the_shapes_contradict(tmp_path, width, arch):
+    n = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"
+    tensors = {
+        f"{n}.lora_down.weight": torch.zeros(4, width),
+        f"{n}.lora_up.weight": torch.zeros(640, 4),
+        f"{n}.alpha": torch.tensor(4.0),
+    }
+    meta = {"parameterization": "ddim_eps", "num_windows": "4", "base_architecture": arch, "base_hash": "0" * 64}
+    with pytest.raises(ValueError, match="attn2.to_k"):
+        write_lora(tmp_path / "x.safetensors", tensors, meta)
+    right = {768: "sd15", 1024: "sd21", 2048: "sdxl"}[width]
+    write_lora(tmp_path / "x.safetensors", tensors, meta | {"base_architecture": right})
+
+
 def test_lora_product_is_comfyui_arithmetic():
     g = torch.Generator().manual_seed(0)
     up, down = torch.randn(6, 2, 1, 1, generator=g), torch.randn(2, 3, 3, 3, generator=g)

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from perflow_core.atomic_file import atomic_path
 from perflow_core.delta_format import FORMAT_VERSION, DeltaMetadata, save_delta, state_dict_hash
+from perflow_core.delta_keys import guess_architecture
 from training.reflow import CFG_MODES, ReflowConfig
 
 LORA_FORMAT = "lora"
@@ -50,6 +51,12 @@ def lora_metadata(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
             metadata["base_architecture"],
             metadata["base_hash"],
         )
+        shapes_say = guess_architecture({k: tuple(t.shape) for k, t in tensors.items()})
+        if shapes_say != "unknown" and shapes_say != metadata["base_architecture"]:
+            raise ValueError(
+                f"metadata says base_architecture {metadata['base_architecture']!r}, but the attn2.to_k input width "
+                f"of the tensors is {shapes_say}'s"
+            )
         meta = {"perflow_format": LORA_FORMAT, "perflow_format_version": FORMAT_VERSION}
     elif set(metadata) & set(TRAINING_KEYS):
         raise ValueError(f"LoRA metadata {sorted(metadata)} needs {', '.join(PERFLOW_KEYS)} as well")
