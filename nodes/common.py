@@ -10,6 +10,7 @@ import dataclasses
 import logging
 
 from ..perflow_core.model_sampling import PeRFlowModelSampling
+from ..perflow_core.sampling_guard import check_perflow_sampling
 
 log = logging.getLogger("perflow")
 
@@ -57,10 +58,7 @@ def schema(**fields):
 
 def perflow_model_sampling(model) -> PeRFlowModelSampling:
     """The model's PeRFlow sampling object, or a clear error naming the node to add."""
-    ms = model.get_model_object("model_sampling")
-    if not isinstance(ms, PeRFlowModelSampling):
-        raise ValueError(f"This model is not set up for PeRFlow ({type(ms).__name__}); {ADD_SAMPLING_HINT}.")
-    return ms
+    return check_perflow_sampling(model.get_model_object("model_sampling"), ADD_SAMPLING_HINT)
 
 
 def with_perflow_sampling(model, parameterization: str, num_windows: int):
