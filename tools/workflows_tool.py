@@ -150,12 +150,13 @@ def view_problems(ui: dict) -> list[str]:
     return errs
 
 
-def node_size(class_type: str, info: dict) -> list[int]:
-    """[width, height] of a node's body as the frontend draws it (the title bar sits above, TITLE_H high)."""
+def node_size(class_type: str, info: dict, title: str = "") -> list[int]:
+    """[width, height] of a node's body as the frontend draws it (the title bar sits above, TITLE_H high). A long
+    title widens the node: the frontend makes room for it (about 6.5 px a character at its 14 px font, + 40)."""
     widgets, rows = len(widget_layout(info)), max(len(socket_inputs(info)), len(info["output"]), 1)
     height = SLOT_H * rows + (WIDGET_H * widgets + 8 if widgets else 0) + 6
     min_w, min_h = MIN_SIZES.get(class_type, (NODE_W, 0))
-    return [max(NODE_W, min_w), max(height, min_h)]
+    return [max(NODE_W, min_w, 7 * len(title) + 40), max(height, min_h)]
 
 
 def real_nodes(ui: dict) -> list[dict]:
@@ -308,7 +309,7 @@ def api_to_ui(api: dict, schema: dict, extra_nodes=(), layout: dict | None = Non
             "id": int(nid),
             "type": entry["class_type"],
             "pos": list(layout.get(nid, (100 + 350 * order, 100))),
-            "size": node_size(entry["class_type"], info),
+            "size": node_size(entry["class_type"], info, entry.get("_meta", {}).get("title", "")),
             "flags": {},
             "order": order,
             "mode": 0,
