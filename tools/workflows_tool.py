@@ -105,9 +105,10 @@ def socket_inputs(info: dict) -> list[tuple[str, str, bool]]:
     return out
 
 
-# The graph canvas of a 1920x1080 browser window (frontend 1.27: less the side tool bar and the top menu), and the
-# zoom range a shipped workflow may open at: below 0.6 LiteGraph draws nodes in low quality, without widget text.
-VIEW = (1840, 960)
+# The graph canvas of a 1920x1080 browser window (frontend 1.27: 1856x1002 px, less the side tool bar and the top
+# menu; the bottom 80 px hold the canvas info text at the left), and the zoom range a shipped workflow may open at:
+# below 0.6 LiteGraph draws nodes in low quality, without widget text.
+VIEW = (1840, 920)
 MIN_ZOOM, MAX_ZOOM = 0.6, 1.0
 # The bottom-right of that canvas is covered by the frontend's minimap and canvas menu (from x, y onwards), and the
 # pack badge (the node's source) sits BADGE_H above a title bar: keep nodes clear of both.
