@@ -3,7 +3,8 @@
 The nodes use ComfyUI's V3 schema from `comfy_api.latest`, not a pinned `comfy_api.v0_0_X`: in ComfyUI 0.3.64 the
 pinned `v0_0_2` only re-exports `latest.io` (so a pin buys no stability there), core's own nodes import `latest`,
 and every V3 piece used here (ComfyNode, Schema, the Model/Int/Float/Combo/String/Sampler/Sigmas sockets,
-NodeOutput, ComfyExtension) has kept its signature since V3 first shipped in 0.3.48.
+NodeOutput, ComfyExtension, the comfy_entrypoint loader) is in `latest` as released in 0.3.52 (the oldest ComfyUI
+this pack accepts) and in 0.3.64.
 """
 
 import dataclasses
@@ -30,7 +31,7 @@ def comfyui_too_old() -> str | None:
     """Why the running ComfyUI cannot host this pack (a one-line message naming the fix), or None when it can."""
     try:
         from comfy.patcher_extension import WrappersMP
-    except ImportError:  # older than 0.3.10
+    except ImportError:  # a ComfyUI from before December 2024
         WrappersMP = None
     if hasattr(WrappersMP, "PREDICT_NOISE"):
         return None

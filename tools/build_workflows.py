@@ -439,7 +439,9 @@ def layout(g, schema, note: list[int]) -> tuple[dict, list[int], list[int]]:
     bottom = MARGIN + TITLE_H + note[1]
     for k, cx in enumerate(sorted(columns)):
         members = [nid for _, nid in sorted(columns[cx])]
-        sizes = [node_size(g.api[nid]["class_type"], schema[g.api[nid]["class_type"]]) for nid in members]
+        sizes = [
+            node_size(e["class_type"], schema[e["class_type"]], e["_meta"]["title"]) for e in map(g.api.get, members)
+        ]
         y = MARGIN + TITLE_H + (note[1] + GAP_Y + TITLE_H if k == 0 else 0)
         for nid, (_, h) in zip(members, sizes, strict=True):
             pos[nid] = (x, y)

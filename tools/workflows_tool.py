@@ -105,9 +105,10 @@ def socket_inputs(info: dict) -> list[tuple[str, str, bool]]:
     return out
 
 
-# The graph canvas of a 1920x1080 browser window (frontend 1.27: less the side tool bar and the top menu), and the
-# zoom range a shipped workflow may open at: below 0.6 LiteGraph draws nodes in low quality, without widget text.
-VIEW = (1840, 960)
+# The graph canvas of a 1920x1080 browser window (frontend 1.27: 1856x1002 px, less the side tool bar and the top
+# menu; the bottom 80 px hold the canvas info text at the left), and the zoom range a shipped workflow may open at:
+# below 0.6 LiteGraph draws nodes in low quality, without widget text.
+VIEW = (1840, 920)
 MIN_ZOOM, MAX_ZOOM = 0.6, 1.0
 # The bottom-right of that canvas is covered by the frontend's minimap and canvas menu (from x, y onwards), and the
 # pack badge (the node's source) sits BADGE_H above a title bar: keep nodes clear of both.
@@ -150,12 +151,13 @@ def view_problems(ui: dict) -> list[str]:
     return errs
 
 
-def node_size(class_type: str, info: dict) -> list[int]:
-    """[width, height] of a node's body as the frontend draws it (the title bar sits above, TITLE_H high)."""
+def node_size(class_type: str, info: dict, title: str = "") -> list[int]:
+    """[width, height] of a node's body as the frontend draws it (the title bar sits above, TITLE_H high). A long
+    title widens the node: the frontend makes room for it (about 6.5 px a character at its 14 px font, + 40)."""
     widgets, rows = len(widget_layout(info)), max(len(socket_inputs(info)), len(info["output"]), 1)
     height = SLOT_H * rows + (WIDGET_H * widgets + 8 if widgets else 0) + 6
     min_w, min_h = MIN_SIZES.get(class_type, (NODE_W, 0))
-    return [max(NODE_W, min_w), max(height, min_h)]
+    return [max(NODE_W, min_w, 7 * len(title) + 40), max(height, min_h)]
 
 
 def real_nodes(ui: dict) -> list[dict]:
@@ -308,7 +310,7 @@ def api_to_ui(api: dict, schema: dict, extra_nodes=(), layout: dict | None = Non
             "id": int(nid),
             "type": entry["class_type"],
             "pos": list(layout.get(nid, (100 + 350 * order, 100))),
-            "size": node_size(entry["class_type"], info),
+            "size": node_size(entry["class_type"], info, entry.get("_meta", {}).get("title", "")),
             "flags": {},
             "order": order,
             "mode": 0,
