@@ -175,6 +175,21 @@ def all_finite(t: torch.Tensor, scratch: torch.Tensor | None = None) -> bool:
     return True
 
 
+def _read_tensor(f, path, key: str, info: TensorInfo, data_start: int) -> torch.Tensor:
+    buf = torch.empty(info.end - info.begin, dtype=torch.uint8)
+    view, got = memoryview(buf.numpy()), 0
+    try:
+        f.seek(data_start + info.begin)
+        while got < len(view):
+            n = f.readinto(view[got:])
+            if not n:
+                raise DeltaFileError(path, f"truncated: tensor {key!r} ends early")
+            got += n
+    except OSError as e:
+        raise DeltaFileError(path, f"reading tensor {key!r} failed ({e.strerror or e})", "check the disk") from None
+    return buf.view(DTYPES[info.dtype][0]).reshape(info.shape)
+
+
 def iter_tensors(
     path: str | os.PathLike, header: Header, keep: Callable[[str], bool] = lambda key: True
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -188,15 +203,7 @@ def iter_tensors(
         for key, info in header.tensors.items():
             if not keep(key):
                 continue
-            buf = torch.empty(info.end - info.begin, dtype=torch.uint8)
-            view, got = memoryview(buf.numpy()), 0
-            f.seek(header.data_start + info.begin)
-            while got < len(view):
-                n = f.readinto(view[got:])
-                if not n:
-                    raise DeltaFileError(path, f"truncated: tensor {key!r} ends early")
-                got += n
-            t = buf.view(DTYPES[info.dtype][0]).reshape(info.shape)
+            t = _read_tensor(f, path, key, info, header.data_start)
             if t.is_floating_point() and not all_finite(t, scratch):
                 raise DeltaFileError(path, f"tensor {key!r} holds NaN or inf values", "export the weights again")
             yield key, t
