@@ -21,8 +21,9 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from perflow_core.architecture import ARCH_NAMES, guess_architecture
 from perflow_core.delta_format import save_delta, state_dict_hash
-from perflow_core.delta_keys import ARCH_NAMES, diffusers_key_map, guess_architecture, key_style, ldm_key_map
+from perflow_core.delta_keys import diffusers_key_map, key_style, ldm_key_map
 from perflow_core.parameterization import PARAMETERIZATIONS
 from perflow_core.safetensors_file import read_header
 from training.cli import ArgumentParser, UserError, run
@@ -63,7 +64,7 @@ class UnetFile:
 def comfy_unet_config(files: list[UnetFile], comfyui: Path | None) -> dict:
     """The UNet config ComfyUI detects, from an LDM-keyed input if there is one (any size), else the diffusers one
     (ComfyUI recognises the full-size SD1.5 / SD2.1 / SDXL layouts there)."""
-    from training.comfy_backend import import_comfy
+    from training.backends.comfy import import_comfy
 
     try:
         import_comfy(comfyui, torch.device("cpu"))
