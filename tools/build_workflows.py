@@ -556,7 +556,7 @@ def sdxl_extracted_delta():
         "PeRFlowDeltaLoader", (420, 540), "PeRFlow Delta Loader (extracted SDXL delta)", delta_name=SDXL_DELTA_NAME,
         strength=1.0, parameterization="ddim_eps", num_windows=4, model=(ckpt, 0),
     )  # fmt: skip
-    g.add("PreviewAny", (420, 541), "PeRFlow summary", source=(delta, 1))
+    g.add("PreviewAny", (420, 541), "PeRFlow summary", source=(delta, 1), **FRONTEND_WIDGETS["PreviewAny"])
     pos, neg = sd15_text(g, ckpt)
     lat = g.add("EmptyLatentImage", (420, 760), width=1024, height=1024, batch_size=1)
     ks = perflow_ksampler(g, (delta, 0), (pos, 0), (neg, 0), (lat, 0), steps=6, cfg=2.0, denoise=1.0)
