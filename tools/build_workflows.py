@@ -521,19 +521,18 @@ def sd15_animatediff():
     )
     ckpt = g.add("CheckpointLoaderSimple", (40, 200), dl=SD15, ckpt_name=SD15.name)
     delta = sd15_delta(g, (ckpt, 0), (40, 380))
-    mm = g.add("ADE_LoadAnimateDiffModel", (40, 640), dl=MM_SD15_V2, model_name=MM_SD15_V2.name)
-    apply = g.add("ADE_ApplyAnimateDiffModelSimple", (40, 760), motion_model=(mm, 0))
+    mm = g.add("ADE_LoadAnimateDiffModel", (420, 10), dl=MM_SD15_V2, model_name=MM_SD15_V2.name)
+    apply = g.add("ADE_ApplyAnimateDiffModelSimple", (420, 20), motion_model=(mm, 0))
     ctx = g.add(
-        "ADE_StandardUniformContextOptions", (40, 900), context_length=16, context_stride=1, context_overlap=4,
+        "ADE_StandardUniformContextOptions", (420, 30), context_length=16, context_stride=1, context_overlap=4,
         fuse_method="pyramid", use_on_equal_length=False, start_percent=0.0, guarantee_steps=1,
     )  # fmt: skip
     evolved = g.add(
-        "ADE_UseEvolvedSampling", (420, 540), "Use Evolved Sampling (beta_schedule: use existing)",
+        "ADE_UseEvolvedSampling", (420, 40), "Use Evolved Sampling (beta_schedule: use existing)",
         beta_schedule="use existing", model=(delta, 0), m_models=(apply, 0), context_options=(ctx, 0),
     )  # fmt: skip
-    pos = g.add("CLIPTextEncode", (420, 60), "Positive prompt", text=POSITIVE, clip=(ckpt, 1))
-    neg = g.add("CLIPTextEncode", (420, 290), "Negative prompt", text=NEGATIVE, clip=(ckpt, 1))
-    lat = g.add("EmptyLatentImage", (420, 760), width=512, height=512, batch_size=16)
+    pos, neg = sd15_text(g, ckpt, x=640)
+    lat = g.add("EmptyLatentImage", (640, 760), width=512, height=512, batch_size=16)
     ks = perflow_ksampler(g, (evolved, 0), (pos, 0), (neg, 0), (lat, 0), steps=6, cfg=4.5, denoise=1.0)
     img = g.add("VAEDecode", (1270, 60), samples=(ks, 0), vae=(ckpt, 2))
     g.add(
@@ -559,6 +558,7 @@ def sdxl_extracted_delta():
         "PeRFlowDeltaLoader", (420, 540), "PeRFlow Delta Loader (extracted SDXL delta)", delta_name=SDXL_DELTA_NAME,
         strength=1.0, parameterization="ddim_eps", num_windows=4, model=(ckpt, 0),
     )  # fmt: skip
+    g.add("PreviewAny", (420, 541), "PeRFlow summary", source=(delta, 1), **FRONTEND_WIDGETS["PreviewAny"])
     pos, neg = sd15_text(g, ckpt)
     lat = g.add("EmptyLatentImage", (420, 760), width=1024, height=1024, batch_size=1)
     ks = perflow_ksampler(g, (delta, 0), (pos, 0), (neg, 0), (lat, 0), steps=6, cfg=2.0, denoise=1.0)

@@ -21,12 +21,14 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from perflow_core.architecture import ARCH_NAMES, guess_architecture
 from perflow_core.delta_format import save_delta, state_dict_hash
-from perflow_core.delta_keys import ARCH_NAMES, diffusers_key_map, guess_architecture, key_style, ldm_key_map
+from perflow_core.delta_keys import diffusers_key_map, key_style, ldm_key_map
 from perflow_core.parameterization import PARAMETERIZATIONS
 from perflow_core.safetensors_file import read_header
 from training.cli import ArgumentParser, UserError, run
-from training.extract_lora import extract_lora, save_lora
+from training.export import write_lora
+from training.extract_lora import extract_loras
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 SUPPORTED = ("sd15", "sd21", "sdxl")
@@ -63,7 +65,7 @@ class UnetFile:
 def comfy_unet_config(files: list[UnetFile], comfyui: Path | None) -> dict:
     """The UNet config ComfyUI detects, from an LDM-keyed input if there is one (any size), else the diffusers one
     (ComfyUI recognises the full-size SD1.5 / SD2.1 / SDXL layouts there)."""
-    from training.comfy_backend import import_comfy
+    from training.backends.comfy import import_comfy
 
     try:
         import_comfy(comfyui, torch.device("cpu"))
@@ -221,20 +223,14 @@ def main(argv: list[str] | None = None) -> dict:
         base_architecture=base.architecture,
         base_hash=base_hash,
     )
-    summary = {"extracted_by": "training.extract_delta", "merged": args.merged.name, "base": args.base.name}
-    save_delta(args.out, delta, **meta, extra={"training_summary": json.dumps(summary)})
+    summary = json.dumps({"extracted_by": "training.extract_delta", "merged": args.merged.name, "base": args.base.name})
+    save_delta(args.out, delta, **meta, extra={"training_summary": summary})
     result = {"delta": str(args.out), "keys": len(delta), "architecture": base.architecture, **meta}
     if lora_path is not None:
-        lora, err = extract_lora(delta, args.lora_rank, DTYPES[args.dtype])
-        info = {k: str(v) for k, v in meta.items()} | {
-            "perflow_format": "lora",
-            "perflow_format_version": "1",
-            "ss_network_dim": str(args.lora_rank),
-            "ss_network_alpha": str(args.lora_rank),
-            "perflow_lora_rank": str(args.lora_rank),
-        }
-        save_lora(lora_path, lora, info)
-        result |= {"lora": str(lora_path), "lora_relative_error": round(err, 6)}
+        (lora,) = extract_loras(delta, [args.lora_rank], DTYPES[args.dtype])
+        info = {k: str(v) for k, v in meta.items()} | {"training_summary": summary}
+        write_lora(lora_path, lora.tensors, info | {"perflow_lora_relative_error": f"{lora.relative_error:.6g}"})
+        result |= {"lora": str(lora_path), "lora_relative_error": round(lora.relative_error, 6)}
     print(json.dumps(result))
     return result
 
