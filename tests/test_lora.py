@@ -122,6 +122,12 @@ def test_kohya_export_round_trips_to_the_merged_delta():
         torch.testing.assert_close(recon, dw, atol=0, rtol=0)
 
 
+def test_merged_delta_in_half_precision_is_the_rounded_float32_delta():
+    model, _ = adapted_toy()
+    full, half = merged_delta(model), merged_delta(model, dtype=torch.float16)
+    assert all(half[k].dtype == torch.float16 and torch.equal(half[k], full[k].half()) for k in full)
+
+
 def test_an_ema_copy_of_the_adapters_is_exported_instead_of_the_live_ones():
     model, _ = adapted_toy()
     ema = {k: v * 0.5 if ".lora_B." in k else v for k, v in adapter_state_dict(model).items()}

@@ -150,12 +150,16 @@ def lora_product(up: torch.Tensor, down: torch.Tensor, alpha: float, shape: torc
 
 
 def merged_delta(
-    module: nn.Module, weights: dict[str, torch.Tensor] | None = None, key_prefix: str = ""
+    module: nn.Module,
+    weights: dict[str, torch.Tensor] | None = None,
+    key_prefix: str = "",
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
-    """{key_prefix + weight key: dW} (float32) for every adapted weight: what --export-delta writes."""
+    """{key_prefix + weight key: dW} in `dtype` for every adapted weight, on the CPU: what --export-delta writes.
+    Each dW is computed in float32 and cast at once, so the peak is the result plus one layer."""
     base = base_state_dict(module)
     return {
-        key_prefix + key: lora_product(up, down, alpha, base[key].shape)
+        key_prefix + key: lora_product(up, down, alpha, base[key].shape).to("cpu", dtype)
         for key, (up, down, alpha) in lora_factors(module, weights).items()
     }
 
