@@ -192,7 +192,7 @@ def test_integer_and_bool_tensors_are_refused(tmp_path, dtype):
     for name, metadata in (("perflow.safetensors", meta), ("ldm.safetensors", None)):
         save_file(delta, tmp_path / name, metadata=metadata)
         code, _, err = cli(tmp_path / name, "--out", tmp_path / "out.safetensors")
-        assert_refused(code, err, name, "input_blocks.0.0.bias", "floating-point")
+        assert_refused(code, err, name, "input_blocks.0.0.bias", "floating point")
         assert not (tmp_path / "out.safetensors").exists()
 
 

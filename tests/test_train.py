@@ -117,7 +117,7 @@ def test_delta_file_is_student_minus_teacher(toy, tmp_path):
         meta = f.metadata()
     assert meta["base_architecture"] == "toy" and meta["parameterization"] == "diff_eps"
     assert meta["num_windows"] == "4" and meta["steps_trained"] == "3"
-    assert meta["cfg_mode"] == "fixed" and meta["cfg_scale"] == "3"
+    assert meta["cfg_mode"] == "fixed" and float(meta["cfg_scale"]) == 3.0  # perflow_core writes floats as repr
     assert meta["base_hash"] == state_dict_hash(teacher)
 
 
@@ -142,8 +142,10 @@ def test_kill_9_at_a_random_step_then_resume_is_exact(toy, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "training.train", *args(toy, b, *common)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not ((b / "train.log").is_file() and len(logged_losses(b)) >= kill_after):
+    deadline = time.time() + 600  # a loaded CI machine starts accelerate slowly; the kill point stays random
+    while time.time() < deadline and not (
+        (b / "checkpoint.pt").is_file() and (b / "train.log").is_file() and len(logged_losses(b)) >= kill_after
+    ):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)

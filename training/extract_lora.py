@@ -20,7 +20,7 @@ from tqdm import tqdm
 from perflow_core.delta_format import DeltaMetadata
 from perflow_core.delta_keys import WeightFile, ldm_key_map, looks_merged, read_weight_file
 from training.cli import ArgumentParser, UserError, run
-from training.export import write_lora
+from training.export import PERFLOW_KEYS, TRAINING_KEYS, write_lora
 from training.lora import kohya_name, kohya_tensors, lora_product
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -108,24 +108,11 @@ def delta_tensors(path: Path) -> tuple[dict[str, torch.Tensor], DeltaMetadata | 
 
 
 def lora_vocabulary(meta: DeltaMetadata | None) -> dict[str, str]:
-    """The delta's metadata in the LoRA vocabulary (training.export); the legacy cfg_mode values 'cfg_sync' and
-    'cfg_fixed <g>' of older deltas become 'sync' and 'fixed' with cfg_scale."""
+    """The delta's PeRFlow metadata for its LoRA (training.export's vocabulary), as perflow_core parsed it: legacy
+    cfg_mode values of older deltas ('cfg_sync', 'cfg_fixed <g>') already read as 'sync' / 'fixed' + cfg_scale."""
     if meta is None:
         return {}
-    out = {k: v for k, v in meta.to_metadata().items() if k in ("parameterization", "num_windows", "base_hash")}
-    out["base_architecture"] = meta.base_architecture
-    mode = meta.cfg_mode.removeprefix("cfg_")
-    if mode.startswith("fixed"):
-        out["cfg_mode"], scale = "fixed", mode.removeprefix("fixed").strip()
-        if scale:
-            out["cfg_scale"] = scale
-    elif mode:
-        out["cfg_mode"] = mode
-    if meta.steps_trained is not None:
-        out["steps_trained"] = str(meta.steps_trained)
-    if meta.training_summary is not None:
-        out["training_summary"] = json.dumps(meta.training_summary, sort_keys=True)
-    return out
+    return {k: v for k, v in meta.to_metadata().items() if k in PERFLOW_KEYS + TRAINING_KEYS}
 
 
 def output_paths(delta: Path, out: Path | None, ranks: list[int], overwrite: bool) -> list[Path]:
