@@ -192,3 +192,26 @@ def test_two_processes_split_each_epoch_and_resume_exactly(tmp_path):
     for epoch, keys in per_epoch.items():
         assert len(keys) == len(set(keys)) == 40, f"epoch {epoch}: a sample seen twice or missed"
     assert per_epoch[0] != per_epoch[1]  # reshuffled per epoch
+
+
+def test_cache_key_changes_with_every_input(tmp_path):
+    from training.cache_latents import cache_key
+
+    folder = datagen.write_folder(datagen.samples(4, with_bad=False), tmp_path / "f")
+    cfg = StreamConfig(data=str(folder), batch_size=1, resolution=64)
+    enc = {"checkpoint_sha256": "a" * 64, "architecture": "sd15", "encoder_version": 1}
+    key = cache_key(enc, cfg, scan_units(str(folder)))[0]
+    assert cache_key(enc, cfg, scan_units(str(folder)))[0] == key  # stable
+    changed = [
+        cache_key({**enc, "checkpoint_sha256": "b" * 64}, cfg, scan_units(str(folder))),
+        cache_key(enc, StreamConfig(data=str(folder), batch_size=1, resolution=72), scan_units(str(folder))),
+        cache_key(
+            enc, StreamConfig(data=str(folder), batch_size=1, resolution=64, buckets=BUCKETS), scan_units(str(folder))
+        ),
+        cache_key(
+            enc, StreamConfig(data=str(folder), batch_size=1, resolution=64, caption_key="txt"), scan_units(str(folder))
+        ),
+    ]
+    (folder / "s00001.txt").write_text("another caption")
+    changed.append(cache_key(enc, cfg, scan_units(str(folder))))
+    assert key not in {k for k, _ in changed} and len({k for k, _ in changed}) == len(changed)

@@ -247,7 +247,8 @@ def decode_latent_record(record: dict, cfg: StreamConfig) -> tuple[tuple[int, ..
         tensors = load(record["safetensors"])
     except Exception as e:  # noqa: BLE001
         raise Skip("unreadable cache entry", f"{type(e).__name__}: {e}") from None
-    return tuple(tensors["latent"].shape), {"key": record["__key__"], **tensors}
+    caption = record["txt"].decode("utf-8") if "txt" in record else ""
+    return tuple(tensors["latent"].shape), {"key": record["__key__"], "caption": caption, **tensors}
 
 
 def collate(samples: list[dict]) -> dict:
@@ -441,3 +442,38 @@ def gather(obj) -> list:
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def add_data_arguments(p) -> None:
+    """The data options shared by the trainer and training.cache_latents."""
+    a = p.add_argument
+    a("--data", required=True, help="image folder, .jsonl manifest, or tar shards ('shards/{00000..00099}.tar')")
+    a("--resolution", type=int, default=512, help="training size (square), and the bucket area with --buckets")
+    a("--buckets", default=None, help="'sdxl' (the ~1 MP set scaled to --resolution), 'none', or WxH,WxH,...")
+    a("--caption-key", default="caption", help="caption field of a shard sample's .json")
+    a("--data-workers", type=int, default=2, help="DataLoader worker processes per training process")
+    a("--shuffle-buffer", type=int, default=1000, help="samples in the shuffle buffer of each worker")
+    a("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip larger images (decompression-bomb guard)")
+    a("--max-upscale", type=float, default=2.0, help="skip images that need more upscaling to their bucket")
+
+
+def stream_config(args, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0) -> StreamConfig:
+    """StreamConfig from add_data_arguments' options; bad values end as ValueError naming the option."""
+    from training.buckets import parse_buckets
+
+    for name, ok in (
+        ("resolution", args.resolution >= 8 and args.resolution % 8 == 0),
+        ("data-workers", args.data_workers >= 0),
+        ("shuffle-buffer", args.shuffle_buffer >= 1),
+        ("max-pixels", args.max_pixels >= 1),
+        ("max-upscale", args.max_upscale >= 1.0),
+    ):
+        if not ok:
+            raise ValueError(f"--{name}: invalid value {getattr(args, name.replace('-', '_'))!r}")
+    buckets = parse_buckets(args.buckets, args.resolution)
+    return StreamConfig(
+        data=str(args.data), batch_size=batch_size, resolution=args.resolution,
+        buckets=tuple(buckets) if buckets else None, seed=seed, rank=rank, world=world, workers=args.data_workers,
+        shuffle_buffer=args.shuffle_buffer, caption_key=args.caption_key, max_pixels=args.max_pixels,
+        max_upscale=args.max_upscale,
+    )  # fmt: skip
