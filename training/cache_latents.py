@@ -217,6 +217,33 @@ def build_cache(
     return folder
 
 
+class EncodedStream:
+    """(scaled latents, conditioning, null conditioning) batches for the comfy backend: DataStream images encoded
+    live, or, with cache_root, read from the latent cache (built first if it is not complete). Resume state and
+    skip report are the underlying DataStream's."""
+
+    def __init__(self, encoder: ComfyEncoder, cfg: StreamConfig, cache_root: Path | None = None):
+        self.encoder, self.cached = encoder, cache_root is not None
+        if self.cached:
+            folder = build_cache(encoder, cfg, cache_root)
+            self.stream = DataStream(replace(cfg, data=str(folder), latents=True), cache_units(folder))
+            skipped = json.loads((folder / "skipped.json").read_text())["samples"]  # skipped while building
+            self.stream.report.add([[e["key"], e["kind"], e["detail"]] for e in skipped])
+        else:
+            self.stream = DataStream(cfg)
+        self.null_context, self.null_pooled = encoder.encode_text([""])
+
+    def __iter__(self):
+        for batch in self.stream:
+            entries = batch if self.cached else self.encoder.entries(batch)
+            latents, cond = self.encoder.conditioning(entries)
+            n = len(latents)
+            null_entries = {
+                **entries, "context": self.null_context.expand(n, -1, -1), "pooled": self.null_pooled.expand(n, -1)
+            }  # fmt: skip
+            yield latents, cond, self.encoder.conditioning(null_entries)[1]
+
+
 def init_distributed() -> tuple[int, int]:
     """(rank, world) from the launcher's environment (accelerate launch / torchrun), process group initialised."""
     import torch.distributed as dist
