@@ -51,14 +51,15 @@ def finite_numbers(obj) -> list[float]:
 def test_quick_benchmark_produces_every_row(tmp_path):
     cmd = [
         sys.executable,
-        str(REPO / "training" / "benchmark.py"),
+        "-m",
+        "benchmarks.toy",
         "--quick",
         "--out",
         str(tmp_path),
         "--cache",
         str(tmp_path / "cache"),
     ]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = json.loads((tmp_path / "results.json").read_text())
     fields = ("model", "sampler", "steps", "cfg", "nfe", "paired_mse", "fd_ref", "fd_real", "acc", "seconds")

@@ -14,8 +14,8 @@ from training.reflow import (
     reflow_target,
     sample_timepoints,
     select_cond,
-    solve_teacher,
 )
+from training.solvers import solve_teacher
 
 AC = sd_alphas_cumprod()
 

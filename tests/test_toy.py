@@ -1,18 +1,16 @@
 """Toy backend: data loader validation, the UNet, safetensors round trip, DDIM and the committed teacher."""
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
-from toy_data import DEFAULT_DATA, load_toy_data  # noqa: E402
-from toy_model import ToyUNet, load_toy_model, save_toy_model, toy_model_metadata  # noqa: E402
-from toy_sampling import ddim_sample, ddim_times, save_grid  # noqa: E402
-
-from perflow_core.schedule import sd_alphas_cumprod  # noqa: E402
+from perflow_core.schedule import sd_alphas_cumprod
+from training.preview import save_grid
+from training.solvers import ddim_times, guided_eps, ode_solve
+from training.toy_data import DEFAULT_DATA, load_toy_data
+from training.toy_model import ToyUNet, load_toy_model, save_toy_model, toy_model_metadata
 
 TEACHER = Path(__file__).resolve().parents[1] / "training" / "teacher" / "toy_teacher.safetensors"
 
@@ -78,9 +76,21 @@ def test_save_load_round_trip(tmp_path):
     assert meta["steps"] == "7" and meta["note"] == "hi" and loaded.config == model.config
 
 
+def ddim_sample(model, noise, labels, steps, cfg=1.0):
+    """The toy model's DDIM samples at guidance cfg (null class = num_classes)."""
+    null = torch.full_like(labels, model.num_classes)
+
+    def eps(x, t):
+        tt = torch.full((len(x),), t)
+        return guided_eps(lambda xx, s, c: model(xx, s * 1000, c), x, tt, labels, null, cfg)
+
+    return ode_solve(eps, noise, steps)
+
+
 def test_ddim_times():
     assert ddim_times(4).tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
     assert ddim_times(50, "leading")[[0, -2, -1]].tolist() == pytest.approx([0.982, 0.002, 0.0])
+    assert ddim_times(4, "normal").tolist() == pytest.approx([1.0, 0.667, 0.334, 0.001, 0.0])
 
 
 def test_ddim_one_step_is_x0_prediction():

