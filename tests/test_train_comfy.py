@@ -49,10 +49,13 @@ def test_comfy_backend_trains_a_delta_the_checkpoint_accepts(tiny_sd15, tmp_path
     argv = ["--backend", "comfy", "--checkpoint", str(tiny_sd15), "--data", str(tmp_path / "data"), "--out", str(out)]
     argv += ["--resolution", "64", "--batch-size", "2", "--steps", "2", "--solver-steps", "1"]
     argv += ["--sample-teacher-steps", "8"]  # grid rows: teacher DDIM-8, DDIM-4, PeRFlow-4 at the default cfg 2
-    summary = train([*argv, "--threads", "2", "--cache-latents", "--gradient-checkpointing", "--ema-decay", "0"])
+    argv += ["--cache-latents", str(tmp_path / "cache"), "--data-workers", "0"]
+    summary = train([*argv, "--threads", "2", "--gradient-checkpointing", "--ema-decay", "0"])
     assert summary["step"] == 2
     log = (out / "train.log").read_text()
-    assert "3 images, 1 skipped as unreadable (sd15)" in log
+    assert "about 3 samples (sd15)" in log
+    skipped = json.loads((out / "skipped.json").read_text())
+    assert [(e["key"].endswith("broken.png"), e["kind"]) for e in skipped["samples"]] == [(True, "unreadable image")]
     with Image.open(out / "comparison.png") as grid:  # 3 rows (DDIM-8, DDIM-4, PeRFlow-4) x 3 captions, 2 px pads
         assert grid.size == (3 * (64 + 2) + 2, 3 * (64 + 2) + 2) and grid.mode == "RGB"
         grid.load()

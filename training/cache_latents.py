@@ -28,24 +28,29 @@ from pathlib import Path
 
 import torch
 
-from training.dataset import DataStream, SkipReport, StreamConfig, Unit, fingerprint, gather, scan_units
+from training.dataset import (
+    DataStream,
+    SkipReport,
+    StreamConfig,
+    Unit,
+    estimate_samples,
+    fingerprint,
+    gather,
+    scan_units,
+)  # fmt: skip
 
 log = logging.getLogger("perflow.cache")
 ENCODER_VERSION = 1  # bump when what an entry holds, or how it is computed, changes
 STORED_DTYPE = torch.float16
 MIN_SHARDS = 16  # per process
-ARCHITECTURES = {"SD15": "sd15", "SD20": "sd21", "SD21UnclipL": "sd21", "SD21UnclipH": "sd21", "SDXL": "sdxl"}
 
 
 class ComfyEncoder:
     """The checkpoint's VAE and text encoders (ComfyUI's loader) applied to DataStream image batches."""
 
-    def __init__(self, base, clip, vae, checkpoint: Path):
-        name = type(base.model_config).__name__
-        if name not in ARCHITECTURES:
-            raise ValueError(f"{checkpoint}: a {name} model; SD1.5, SD2.1 and SDXL checkpoints are supported")
+    def __init__(self, base, clip, vae, checkpoint: Path, architecture: str):
         self.base, self.clip, self.vae, self.checkpoint = base, clip, vae, checkpoint
-        self.architecture = ARCHITECTURES[name]
+        self.architecture = architecture  # sd15, sd21 or sdxl
         self._hash: str | None = None
 
     @classmethod
@@ -53,10 +58,15 @@ class ComfyEncoder:
         """From a checkpoint file (ComfyUI must be imported: training.comfy_backend.import_comfy)."""
         import comfy.sd
 
+        from training.backends.comfy import ARCHITECTURES
+
         if not checkpoint.is_file():
             raise FileNotFoundError(f"--checkpoint: base model file not found: {checkpoint}")
         patcher, clip, vae = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=True)[:3]
-        return cls(patcher.model, clip, vae, checkpoint)
+        name = type(patcher.model.model_config).__name__
+        if name not in ARCHITECTURES:
+            raise ValueError(f"{checkpoint}: a {name} model; SD1.5, SD2.1 and SDXL checkpoints are supported")
+        return cls(patcher.model, clip, vae, checkpoint, ARCHITECTURES[name])
 
     def checkpoint_hash(self) -> str:
         """sha256 of the checkpoint file (VAE, text encoders and UNet: everything an entry depends on)."""
@@ -105,12 +115,10 @@ class ComfyEncoder:
             "crop": torch.tensor(batch["crop"], dtype=torch.int64),
         }
 
-    def conditioning(self, entries: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        """(scaled latents, {context, y for SDXL}) of a batch of entries, live or read back from the cache."""
-        latents = self.base.latent_format.process_in(entries["latent"].float())
-        cond = {"context": entries["context"].float()}
+    def text_cond(self, context, pooled, size, crop, target: tuple[int, int]) -> dict:
+        """{context, y for SDXL}: y = pooled text + embeddings of original size, crop and target size (h, w)."""
+        cond = {"context": context.float()}
         if self.architecture == "sdxl":
-            th, tw = latents.shape[-2] * 8, latents.shape[-1] * 8
             rows = [
                 self.base.encode_adm(
                     pooled_output=p[None],
@@ -118,13 +126,19 @@ class ComfyEncoder:
                     width=int(s[1]),
                     crop_h=int(c[0]),
                     crop_w=int(c[1]),
-                    target_height=th,
-                    target_width=tw,
+                    target_height=target[0],
+                    target_width=target[1],
                 )  # fmt: skip
-                for p, s, c in zip(entries["pooled"].float(), entries["size"], entries["crop"], strict=True)
+                for p, s, c in zip(pooled.float(), size, crop, strict=True)
             ]
             cond["y"] = torch.cat(rows).float()
-        return latents, cond
+        return cond
+
+    def conditioning(self, entries: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """(scaled latents, {context, y for SDXL}) of a batch of entries, live or read back from the cache."""
+        latents = self.base.latent_format.process_in(entries["latent"].float())
+        target = (latents.shape[-2] * 8, latents.shape[-1] * 8)
+        return latents, self.text_cond(entries["context"], entries["pooled"], entries["size"], entries["crop"], target)
 
 
 def cache_key(encoder_settings: dict, data_cfg: StreamConfig, units: list[Unit]) -> tuple[str, dict]:
@@ -229,19 +243,24 @@ class EncodedStream:
             self.stream = DataStream(replace(cfg, data=str(folder), latents=True), cache_units(folder))
             skipped = json.loads((folder / "skipped.json").read_text())["samples"]  # skipped while building
             self.stream.report.add([[e["key"], e["kind"], e["detail"]] for e in skipped])
+            self.samples = json.loads((folder / "manifest.json").read_text())["samples"]
         else:
             self.stream = DataStream(cfg)
+            self.samples = estimate_samples(self.stream.units)  # exact for a folder or manifest
         self.null_context, self.null_pooled = encoder.encode_text([""])
 
     def __iter__(self):
         for batch in self.stream:
             entries = batch if self.cached else self.encoder.entries(batch)
             latents, cond = self.encoder.conditioning(entries)
-            n = len(latents)
-            null_entries = {
-                **entries, "context": self.null_context.expand(n, -1, -1), "pooled": self.null_pooled.expand(n, -1)
-            }  # fmt: skip
-            yield latents, cond, self.encoder.conditioning(null_entries)[1]
+            yield latents, cond, self.null_cond(len(latents), entries["size"], entries["crop"], latents.shape[-2:])
+
+    def null_cond(self, n: int, size, crop, latent_hw) -> dict:
+        """The empty caption's conditioning for n samples (SDXL: with their size conditioning)."""
+        target = (latent_hw[0] * 8, latent_hw[1] * 8)
+        return self.encoder.text_cond(
+            self.null_context.expand(n, -1, -1), self.null_pooled.expand(n, -1), size, crop, target
+        )
 
 
 def init_distributed() -> tuple[int, int]:
@@ -257,12 +276,14 @@ def init_distributed() -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> Path:
+    from training.backends.comfy import import_comfy
     from training.cli import ArgumentParser
-    from training.comfy_backend import import_comfy
     from training.dataset import add_data_arguments, stream_config
 
     p = ArgumentParser(prog="python -m training.cache_latents", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, required=True, help="SD1.5 / SD2.1 / SDXL checkpoint (.safetensors)")
+    p.add_argument("--data", required=True, help="image folder, .jsonl manifest or tar shards ('s/{00000..00099}.tar')")
+    p.add_argument("--resolution", type=int, default=512, help="training size (square; the bucket area with --buckets)")
     p.add_argument("--cache-latents", type=Path, required=True, metavar="DIR", help="cache root (DIR/<key>/)")
     p.add_argument("--batch-size", type=int, default=8, help="images per VAE call, per process")
     p.add_argument("--cache-shard-size", type=int, default=1000, help="samples per cache shard at most")

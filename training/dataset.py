@@ -415,8 +415,12 @@ class SkipReport:
     entries: list = field(default_factory=list)
 
     def add(self, skips: list) -> None:
+        """Append (key, kind, detail) entries not listed yet."""
         seen = {tuple(e) for e in self.entries}
-        self.entries += [list(s) for s in skips if tuple(s) not in seen]
+        for s in skips:
+            if tuple(s) not in seen:
+                seen.add(tuple(s))
+                self.entries.append(list(s))
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -445,16 +449,25 @@ def gather(obj) -> list:
 
 
 def add_data_arguments(p) -> None:
-    """The data options shared by the trainer and training.cache_latents."""
+    """The data options shared by the trainer and training.cache_latents (besides --data and --resolution)."""
     a = p.add_argument
-    a("--data", required=True, help="image folder, .jsonl manifest, or tar shards ('shards/{00000..00099}.tar')")
-    a("--resolution", type=int, default=512, help="training size (square), and the bucket area with --buckets")
     a("--buckets", default=None, help="'sdxl' (the ~1 MP set scaled to --resolution), 'none', or WxH,WxH,...")
     a("--caption-key", default="caption", help="caption field of a shard sample's .json")
     a("--data-workers", type=int, default=2, help="DataLoader worker processes per training process")
     a("--shuffle-buffer", type=int, default=1000, help="samples in the shuffle buffer of each worker")
     a("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip larger images (decompression-bomb guard)")
     a("--max-upscale", type=float, default=2.0, help="skip images that need more upscaling to their bucket")
+
+
+def estimate_samples(units: list[Unit]) -> int:
+    """Samples in the data: exact for a folder or manifest; for shards, shards x the samples of the first one."""
+    if not units or not units[0].is_shard:
+        return len(units)
+    import tarfile
+
+    with tarfile.open(units[0].path) as tar:
+        keys = {m.name.split("/")[-1].split(".")[0] for m in tar.getmembers() if m.isfile()}
+    return len(units) * len(keys)
 
 
 def stream_config(args, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0) -> StreamConfig:

@@ -28,6 +28,7 @@ from training import reflow
 from training.backends import make_backend
 from training.checkpointing import atomic_torch_save, load_checkpoint, rng_states, set_rng_states
 from training.cli import run
+from training.dataset import add_data_arguments
 from training.ema import EMA
 from training.export import delta_of, write_delta
 from training.preview import sample_grid
@@ -44,11 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--backend", choices=("toy", "comfy"), default="toy")
     a("--out", type=Path, default=Path("runs/toy"), help="output folder")
     a("--teacher", type=Path, default=TOY_TEACHER, help="toy: teacher .safetensors")
-    a("--data", type=Path, default=None, help="toy: .npz (uint8 images, int labels); comfy: image folder or .jsonl")
+    a("--data", type=Path, default=None, help="toy: .npz; comfy: image folder, .jsonl or shards 's/{00000..00099}.tar'")
     a("--comfyui", type=Path, default=None, help="comfy: ComfyUI folder (else $COMFYUI_PATH)")
     a("--checkpoint", type=Path, default=None, help="comfy: base model checkpoint (.safetensors)")
     a("--resolution", type=int, default=512, help="comfy: training resolution (pixels)")
-    a("--cache-latents", action="store_true", help="comfy: encode every image and caption once, up front")
+    a("--cache-latents", type=Path, default=None, metavar="DIR", help="comfy: latent cache (training.cache_latents)")
+    add_data_arguments(p)  # comfy: --buckets, --caption-key, --data-workers, --shuffle-buffer, --max-pixels, ...
     a("--parameterization", choices=PARAMETERIZATIONS, default="diff_eps")
     a("--windows", type=int, default=4, help="number of time windows K")
     a("--solver-steps", type=int, default=4, help="teacher DDIM steps per window")
@@ -278,6 +280,8 @@ def train(argv: list[str] | None = None) -> dict:
             ema.load_state_dict(ck["ema"])
         set_rng_states(ck["rng"])
         step = ck["step"]
+        if ck.get("data") is not None:  # a streaming backend's data position
+            backend.load_data_state(ck["data"])
         log.info("resumed from %s at step %d", ckpt_path, step)
     model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
     student_fn = backend.student_fn(model)
@@ -290,6 +294,9 @@ def train(argv: list[str] | None = None) -> dict:
         return x
 
     def save_checkpoint() -> None:
+        data = backend.data_state() if hasattr(backend, "data_state") else None  # every process takes part
+        if hasattr(backend, "write_skip_report"):
+            backend.write_skip_report(args.out / "skipped.json")
         if rank == 0:
             state = {
                 "step": step,
@@ -301,6 +308,7 @@ def train(argv: list[str] | None = None) -> dict:
                 "rng": rng_states(),
                 "reflow": rcfg.as_dict(),
                 "config": config,
+                "data": data,
             }
             atomic_torch_save(state, ckpt_path)
         if world > 1:
