@@ -215,3 +215,21 @@ def test_cache_key_changes_with_every_input(tmp_path):
     (folder / "s00001.txt").write_text("another caption")
     changed.append(cache_key(enc, cfg, scan_units(str(folder))))
     assert key not in {k for k, _ in changed} and len({k for k, _ in changed}) == len(changed)
+
+
+def test_make_shards_packs_a_folder_that_reads_back_the_same(tmp_path):
+    from training.make_shards import main
+
+    items = datagen.samples(10)
+    folder = datagen.write_folder(items, tmp_path / "f")
+    pattern = main(["--data", str(folder), "--out", str(tmp_path / "s"), "--per-shard", "4"])
+    assert pattern.endswith("{00000..00005}.tar")  # 10 good + 13 bad kinds = 23 images
+
+    def captions(data):
+        cfg = StreamConfig(data=data, batch_size=1, resolution=64, max_pixels=10_000_000, epochs=1, shuffle=False)
+        stream = DataStream(cfg)
+        return sorted(c for b in stream for c in b["caption"]), stream.report.counts()
+
+    assert captions(pattern) == captions(str(folder))
+    with pytest.raises(FileExistsError, match="already holds"):
+        main(["--data", str(folder), "--out", str(tmp_path / "s")])
