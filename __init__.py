@@ -1,15 +1,14 @@
-"""ComfyUI-PeRFlow: Piecewise Rectified Flow sampling, delta loading and training for ComfyUI."""
+"""ComfyUI-PeRFlow: Piecewise Rectified Flow sampling, delta loading and training for ComfyUI (V3 nodes).
 
-import logging
+Exports only comfy_entrypoint: ComfyUI ignores comfy_entrypoint in a module that also has NODE_CLASS_MAPPINGS.
+"""
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-from .nodes.delta_loader import register_folder
-from .nodes.sampler import register_sampler_and_scheduler
+from .nodes.common import comfyui_too_old, log
 
-register_folder()  # models/perflow, listed by the Delta Loader
-try:
-    register_sampler_and_scheduler()
-except (ImportError, AttributeError) as e:  # an older or changed ComfyUI: the dedicated nodes still work
-    logging.getLogger("perflow").warning("PeRFlow: could not add 'perflow' to the KSampler lists: %s", e)
+_too_old = comfyui_too_old()
+if _too_old:  # one clear line at start-up instead of an ImportError here or an AttributeError mid-prompt
+    log.error(_too_old)
+else:
+    from .nodes.extension import comfy_entrypoint
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+    __all__ = ["comfy_entrypoint"]

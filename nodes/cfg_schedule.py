@@ -1,7 +1,9 @@
 """PeRFlow CFG Schedule node: a guidance scale per time window, with the unconditional pass skipped at 1.0."""
 
+from comfy_api.latest import io
+
 from ..perflow_core.cfg_schedule import cfg_at, parse_cfg_list, ramp_cfg_scales, window_cfg_scales
-from .model_sampling import CATEGORY, perflow_model_sampling
+from .common import CATEGORY, perflow_model_sampling, schema
 
 
 def with_cfg_schedule(model, scales: list[float]):
@@ -22,49 +24,49 @@ def with_cfg_schedule(model, scales: list[float]):
     return m
 
 
-class PeRFlowCFGSchedule:
-    DESCRIPTION = (
-        "Per-window classifier-free guidance for PeRFlow models. Replaces the sampler's cfg value. Windows whose "
-        "scale is exactly 1.0 skip the unconditional pass, so '7,1,1,1' costs 5 UNet evaluations instead of 8 at "
-        "4 steps. Works with KSampler, SamplerCustom and any CFGGuider-based node."
-    )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = ("The model with the guidance schedule attached; the input model is left unchanged.",)
-    FUNCTION = "patch"
+class PeRFlowCFGSchedule(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            node_id="PeRFlowCFGSchedule",
+            display_name="PeRFlow CFG Schedule",
+            category=CATEGORY,
+            search_aliases=["cfg schedule", "guidance schedule", "per-window cfg"],
+            description="Per-window classifier-free guidance for PeRFlow models. Replaces the sampler's cfg value. "
+            "Windows whose scale is exactly 1.0 skip the unconditional pass, so '7,1,1,1' costs 5 UNet evaluations "
+            "instead of 8 at 4 steps. Works with KSampler, SamplerCustom and any CFGGuider-based node.",
+            inputs=[
+                io.Model.Input("model", tooltip="A PeRFlow model (after PeRFlow Model Sampling or Delta Loader)."),
+                io.Combo.Input(
+                    "mode",
+                    options=["list", "ramp"],
+                    tooltip="list: the values in cfg_list; ramp: from ramp_start (first window) to ramp_end.",
+                ),
+                io.String.Input(
+                    "cfg_list",
+                    default="7,1,1,1",
+                    tooltip="One scale for all windows ('5') or one per window, noisiest first ('7,5,3,1'); a short "
+                    "list repeats its last value.",
+                ),
+                io.Float.Input(
+                    "ramp_start", default=7.0, min=0.0, max=100.0, step=0.1, tooltip="Scale in the first window."
+                ),
+                io.Float.Input(
+                    "ramp_end", default=1.0, min=0.0, max=100.0, step=0.1, tooltip="Scale in the last window."
+                ),
+            ],
+            outputs=[
+                io.Model.Output(
+                    tooltip="The model with the guidance schedule attached; the input model is left unchanged."
+                )
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "A PeRFlow model (after PeRFlow Model Sampling or Delta Loader)."}),
-                "mode": (
-                    ["list", "ramp"],
-                    {"tooltip": "list: the values in cfg_list; ramp: from ramp_start (first window) to ramp_end."},
-                ),
-                "cfg_list": (
-                    "STRING",
-                    {
-                        "default": "7,1,1,1",
-                        "tooltip": "One scale for all windows ('5') or one per window, noisiest first ('7,5,3,1'); "
-                        "a short list repeats its last value.",
-                    },
-                ),
-                "ramp_start": (
-                    "FLOAT",
-                    {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Scale in the first window."},
-                ),
-                "ramp_end": (
-                    "FLOAT",
-                    {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Scale in the last window."},
-                ),
-            }
-        }
-
-    def patch(self, model, mode, cfg_list, ramp_start, ramp_end):
+    def execute(cls, model, mode, cfg_list, ramp_start, ramp_end) -> io.NodeOutput:
         num_windows = perflow_model_sampling(model).num_windows
         if mode == "ramp":
             scales = ramp_cfg_scales(ramp_start, ramp_end, num_windows)
         else:
             scales = window_cfg_scales(parse_cfg_list(cfg_list), num_windows)
-        return (with_cfg_schedule(model, scales),)
+        return io.NodeOutput(with_cfg_schedule(model, scales))

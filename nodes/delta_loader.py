@@ -1,9 +1,9 @@
 """PeRFlow Delta Loader node: applies a PeRFlow delta, merged model or LoRA to any model of the same family."""
 
-import logging
 import os
 
 import torch
+from comfy_api.latest import io
 
 from ..perflow_core.delta_keys import (
     ARCH_NAMES,
@@ -18,21 +18,26 @@ from ..perflow_core.delta_keys import (
     resolve_num_windows,
     resolve_parameterization,
 )
+from ..perflow_core.number_parsing import finite
 from ..perflow_core.parameterization import PARAMETERIZATIONS
-from ..perflow_core.safetensors_file import DeltaFileError
-from .model_sampling import CATEGORY, with_perflow_sampling
+from ..perflow_core.safetensors_file import DeltaFileError, read_header
+from .common import CATEGORY, log, schema, with_perflow_sampling
 
-log = logging.getLogger("perflow")
 FOLDER = "perflow"
 LORA_PREFIX = "loras/"
 EXTENSIONS = {".safetensors", ".sft"}
 
 
 def register_folder() -> None:
-    """Register models/perflow (safetensors only); idempotent."""
+    """Register models/perflow (safetensors only) and create it if it is missing; idempotent."""
     import folder_paths
 
-    folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER), is_default=True)
+    path = os.path.join(folder_paths.models_dir, FOLDER)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:  # a read-only models folder: the dropdown still lists models/loras and extra paths
+        log.warning("PeRFlow: could not create %s (%s); put PeRFlow files there by hand", path, e.strerror or e)
+    folder_paths.add_model_folder_path(FOLDER, path, is_default=True)
     paths, _ = folder_paths.folder_names_and_paths[FOLDER]
     folder_paths.folder_names_and_paths[FOLDER] = (paths, EXTENSIONS)
 
@@ -95,6 +100,7 @@ def weight_patches(model, wf: WeightFile) -> tuple[dict, str]:
 
 def load_delta(model, path: str, strength: float, parameterization: str, num_windows: int):
     """(patched clone with PeRFlow sampling, summary); the input model is never modified."""
+    strength = finite(strength, "strength")
     wf = read_weight_file(path)
     log.info("PeRFlow: %s is a %s file (%s)", os.path.basename(path), wf.format, ARCH_NAMES[wf.architecture])
     try:
@@ -123,64 +129,71 @@ def load_delta(model, path: str, strength: float, parameterization: str, num_win
     )
     if wf.metadata is not None:
         summary += f"; trained on base {wf.metadata.base_hash[:12]}"
+    summary += "".join(f"; {note}" for note in (p_note, w_note) if note)  # a guess or an overridden choice
+    if wf.format == "kohya_lora":
+        skipped = {k.split(".", 1)[0] for k in read_header(path).tensors if not k.startswith("lora_unet_")}
+        if skipped:
+            summary += f"; {len(skipped)} text-encoder LoRA modules skipped (this node patches the UNet only)"
     log.info("PeRFlow: %s", summary)
     return with_perflow_sampling(patched, param, windows), summary
 
 
-class PeRFlowDeltaLoader:
-    DESCRIPTION = (
-        "Turns an SD1.5 / SD2.1 / SDXL model (base or fine-tune) into a few-step PeRFlow model: adds strength * dW "
-        "through ComfyUI's own weight patches and sets PeRFlow model sampling. Reads PeRFlow delta files, the "
-        "published diffusers-format delta, merged PeRFlow UNets (dW = merged - connected model) and kohya LoRAs. "
-        "Refuses files that do not fit the model (nothing applied) and pickle files (.ckpt/.pt/.bin)."
-    )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL", "STRING")
-    RETURN_NAMES = ("model", "summary")
-    OUTPUT_TOOLTIPS = (
-        "The model with the PeRFlow weights and model sampling; the input model is left unchanged.",
-        "What was detected and applied: format, architecture, weights patched, parameterization, windows.",
-    )
-    FUNCTION = "load"
+class PeRFlowDeltaLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            node_id="PeRFlowDeltaLoader",
+            display_name="PeRFlow Delta Loader",
+            category=CATEGORY,
+            search_aliases=["delta", "lora", "perflow lora", "load perflow"],
+            description="Turns an SD1.5 / SD2.1 / SDXL model (base or fine-tune) into a few-step PeRFlow model: adds "
+            "strength * dW through ComfyUI's own weight patches and sets PeRFlow model sampling. Reads PeRFlow delta "
+            "files, the published diffusers-format delta, merged PeRFlow UNets (dW = merged - connected model) and "
+            "kohya LoRAs (UNet part). Refuses files that do not fit the model (nothing applied) and pickle files "
+            "(.ckpt/.pt/.bin).",
+            inputs=[
+                io.Model.Input("model", tooltip="The base model or fine-tune (same family as the PeRFlow file)."),
+                io.Combo.Input(
+                    "delta_name",
+                    options=file_choices(),
+                    tooltip="A .safetensors file in models/perflow, or in models/loras (shown as loras/...).",
+                ),
+                io.Float.Input(
+                    "strength",
+                    default=1.0,
+                    min=-2.0,
+                    max=2.0,
+                    step=0.05,
+                    tooltip="Scale of the weight difference: W + strength * dW (1.0 = as trained).",
+                ),
+                io.Combo.Input(
+                    "parameterization",
+                    options=["auto", *PARAMETERIZATIONS],
+                    default="auto",
+                    tooltip="auto: from the file's metadata (our deltas win over any choice), diff_eps for the "
+                    "published SD1.5 delta. Published SDXL: ddim_eps, SD2.1: velocity.",
+                ),
+                io.Int.Input(
+                    "num_windows",
+                    default=0,
+                    min=0,
+                    max=16,
+                    tooltip="Time windows K; 0 = from the file's metadata, else 4 (the published models).",
+                ),
+            ],
+            outputs=[
+                io.Model.Output(
+                    display_name="model",
+                    tooltip="The model with the PeRFlow weights and model sampling; the input model is left unchanged.",
+                ),
+                io.String.Output(
+                    display_name="summary",
+                    tooltip="What was detected and applied: format, architecture, weights patched, "
+                    "parameterization, windows. Connect it to a Preview Any node to read it.",
+                ),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "The base model or fine-tune (same family as the PeRFlow file)."}),
-                "delta_name": (
-                    file_choices(),
-                    {"tooltip": "A .safetensors file in models/perflow, or in models/loras (shown as loras/...)."},
-                ),
-                "strength": (
-                    "FLOAT",
-                    {
-                        "default": 1.0,
-                        "min": -2.0,
-                        "max": 2.0,
-                        "step": 0.05,
-                        "tooltip": "Scale of the weight difference: W + strength * dW (1.0 = as trained).",
-                    },
-                ),
-                "parameterization": (
-                    ["auto", *PARAMETERIZATIONS],
-                    {
-                        "default": "auto",
-                        "tooltip": "auto: from the file's metadata (our deltas win over any choice), diff_eps for "
-                        "the published SD1.5 delta. Published SDXL: ddim_eps, SD2.1: velocity.",
-                    },
-                ),
-                "num_windows": (
-                    "INT",
-                    {
-                        "default": 0,
-                        "min": 0,
-                        "max": 16,
-                        "tooltip": "Time windows K; 0 = from the file's metadata, else 4 (the published models).",
-                    },
-                ),
-            }
-        }
-
-    def load(self, model, delta_name, strength, parameterization, num_windows):
-        return load_delta(model, resolve_path(delta_name), strength, parameterization, num_windows)
+    def execute(cls, model, delta_name, strength, parameterization, num_windows) -> io.NodeOutput:
+        return io.NodeOutput(*load_delta(model, resolve_path(delta_name), strength, parameterization, num_windows))

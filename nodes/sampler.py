@@ -1,20 +1,23 @@
 """PeRFlow Scheduler and Sampler nodes, and the 'perflow' entries in the stock sampler/scheduler dropdowns."""
 
-import logging
+from comfy_api.latest import io
 
-from ..perflow_core.model_sampling import PeRFlowModelSampling
 from ..perflow_core.sampling import sample_perflow
-from ..perflow_core.schedule import perflow_sigmas
-from .model_sampling import ADD_SAMPLING_HINT, CATEGORY, perflow_model_sampling
-
-log = logging.getLogger("perflow")
+from ..perflow_core.sampling_guard import check_perflow_sampling
+from ..perflow_core.schedule import perflow_sigmas, stock_scheduler_sigmas
+from .common import ADD_SAMPLING_HINT, SAMPLER_CATEGORY, SCHEDULER_CATEGORY, log, perflow_model_sampling, schema
 
 
 def scheduler_sigmas(model_sampling, steps: int):
     """The stock-scheduler handler: PeRFlow's schedule for a PeRFlow-patched model, a clear error otherwise."""
-    if not isinstance(model_sampling, PeRFlowModelSampling):
-        raise ValueError(f"The 'perflow' scheduler needs a PeRFlow model; {ADD_SAMPLING_HINT}.")
-    return perflow_sigmas(steps, model_sampling.num_windows)
+    return stock_scheduler_sigmas(steps, check_perflow_sampling(model_sampling, ADD_SAMPLING_HINT).num_windows)
+
+
+def sample_perflow_checked(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """sample_perflow after checking the model sampling in use (model.inner_model.inner_model is the BaseModel):
+    a node after PeRFlow may have replaced it (AnimateDiff-Evolved's beta_schedule)."""
+    check_perflow_sampling(model.inner_model.inner_model.model_sampling, ADD_SAMPLING_HINT)
+    return sample_perflow(model, x, sigmas, extra_args, callback, disable)
 
 
 def register_sampler_and_scheduler() -> None:
@@ -22,7 +25,7 @@ def register_sampler_and_scheduler() -> None:
     import comfy.k_diffusion.sampling as kds
     import comfy.samplers as cs
 
-    kds.sample_perflow = sample_perflow  # ksampler("perflow") looks up sample_perflow here
+    kds.sample_perflow = sample_perflow_checked  # ksampler("perflow") looks up sample_perflow here
     for names in (cs.KSAMPLER_NAMES, cs.SAMPLER_NAMES):
         if "perflow" not in names:
             names.append("perflow")
@@ -35,49 +38,46 @@ def register_sampler_and_scheduler() -> None:
         cs.SCHEDULER_NAMES.append("perflow")
 
 
-class PeRFlowScheduler:
-    DESCRIPTION = (
-        "PeRFlow's step schedule (the published set_timesteps): steps spread over the model's time windows, "
-        "noisiest windows first. Steps below the window count are raised to it. denoise < 1 keeps the tail of a "
-        "longer schedule, as ComfyUI's schedulers do, for img2img."
-    )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("SIGMAS",)
-    OUTPUT_TOOLTIPS = ("Descending PeRFlow times t (1 = noise) ending in 0.",)
-    FUNCTION = "get_sigmas"
+class PeRFlowScheduler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            node_id="PeRFlowScheduler",
+            display_name="PeRFlow Scheduler",
+            category=SCHEDULER_CATEGORY,
+            search_aliases=["sigmas", "schedule"],
+            description="PeRFlow's step schedule (the published set_timesteps): steps spread over the model's time "
+            "windows, noisiest windows first. Steps below the window count are raised to it. denoise < 1 keeps the "
+            "tail of a longer schedule, as ComfyUI's schedulers do, for img2img.",
+            inputs=[
+                io.Model.Input("model", tooltip="A PeRFlow model; its time windows set the schedule."),
+                io.Int.Input("steps", default=4, min=1, max=1000, tooltip="Sampling steps; one per window is enough."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="Below 1 for img2img."),
+            ],
+            outputs=[io.Sigmas.Output(tooltip="Descending PeRFlow times t (1 = noise) ending in 0.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "A PeRFlow model; its time windows set the schedule."}),
-                "steps": (
-                    "INT",
-                    {"default": 4, "min": 1, "max": 1000, "tooltip": "Sampling steps; one per window is enough."},
-                ),
-                "denoise": (
-                    "FLOAT",
-                    {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Below 1 for img2img."},
-                ),
-            }
-        }
-
-    def get_sigmas(self, model, steps, denoise):
-        return (perflow_sigmas(steps, perflow_model_sampling(model).num_windows, denoise),)
+    def execute(cls, model, steps, denoise) -> io.NodeOutput:
+        return io.NodeOutput(perflow_sigmas(steps, perflow_model_sampling(model).num_windows, denoise))
 
 
-class PeRFlowSampler:
-    DESCRIPTION = "The PeRFlow sampler: one straight-line (Euler) step per schedule entry, exactly the published step."
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("SAMPLER",)
-    OUTPUT_TOOLTIPS = ("A sampler for SamplerCustom / SamplerCustomAdvanced.",)
-    FUNCTION = "get_sampler"
+class PeRFlowSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            node_id="PeRFlowSampler",
+            display_name="PeRFlow Sampler",
+            category=SAMPLER_CATEGORY,
+            search_aliases=["sampler", "euler"],
+            description="The PeRFlow sampler: one straight-line (Euler) step per schedule entry, exactly the "
+            "published step.",
+            inputs=[],
+            outputs=[io.Sampler.Output(tooltip="A sampler for SamplerCustom / SamplerCustomAdvanced.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {}}
-
-    def get_sampler(self):
+    def execute(cls) -> io.NodeOutput:
         import comfy.samplers
 
-        return (comfy.samplers.KSAMPLER(sample_perflow),)
+        return io.NodeOutput(comfy.samplers.KSAMPLER(sample_perflow_checked))

@@ -8,13 +8,16 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import save_file
 
+from .architecture import ARCH_NAMES, ARCHITECTURES, guess_architecture
 from .atomic_file import atomic_path
+from .number_parsing import finite, parse_float, parse_int
 from .parameterization import PARAMETERIZATIONS
-from .windows import NUM_TRAIN_TIMESTEPS
+from .windows import check_num_windows
 
 FORMAT_NAME = "delta"
+LORA_FORMAT_NAME = "lora"  # kohya lora_unet_* keys with the same PeRFlow metadata
 FORMAT_VERSION = "1"
-ARCHITECTURES = ("sd15", "sd21", "sdxl", "toy")
+CFG_MODES = ("sync", "fixed")
 # Metadata keys written by save_delta itself; `extra` may not override them.
 RESERVED_KEYS = (
     "perflow_format",
@@ -24,6 +27,7 @@ RESERVED_KEYS = (
     "base_architecture",
     "base_hash",
 )
+_FIELD_KEYS = ("cfg_mode", "cfg_scale", "steps_trained", "training_summary")
 
 
 def state_dict_hash(tensors: dict[str, torch.Tensor]) -> str:
@@ -38,11 +42,6 @@ def state_dict_hash(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _check_num_windows(value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= NUM_TRAIN_TIMESTEPS:
-        raise ValueError(f"num_windows must be an integer in 1..{NUM_TRAIN_TIMESTEPS}, got {value!r}")
-
-
 @dataclass(frozen=True)
 class DeltaMetadata:
     """Validated metadata of a PeRFlow delta file; `extra` holds any further string entries."""
@@ -55,35 +54,45 @@ class DeltaMetadata:
     steps_trained: int | None = None
     training_summary: dict | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    cfg_scale: float | None = None
+    format: str = FORMAT_NAME
 
     def __post_init__(self) -> None:
+        if self.format not in (FORMAT_NAME, LORA_FORMAT_NAME):
+            raise ValueError(f"perflow_format must be {FORMAT_NAME!r} or {LORA_FORMAT_NAME!r}, got {self.format!r}")
         if self.parameterization not in PARAMETERIZATIONS:
             raise ValueError(
                 f"parameterization must be one of {', '.join(PARAMETERIZATIONS)}, got {self.parameterization!r}"
             )
-        _check_num_windows(self.num_windows)
+        check_num_windows(self.num_windows)
         if self.base_architecture not in ARCHITECTURES:
             raise ValueError(
                 f"base_architecture must be one of {', '.join(ARCHITECTURES)}, got {self.base_architecture!r}"
             )
         if len(self.base_hash) != 64 or any(c not in "0123456789abcdef" for c in self.base_hash):
             raise ValueError(f"base_hash must be 64 lowercase hex characters (sha256), got {self.base_hash!r}")
-        if not isinstance(self.cfg_mode, str):
-            raise ValueError(f"cfg_mode must be a string, got {self.cfg_mode!r}")
-        if self.steps_trained is not None and (not isinstance(self.steps_trained, int) or self.steps_trained < 0):
+        if self.cfg_mode not in ("", *CFG_MODES):
+            raise ValueError(f"cfg_mode must be one of {', '.join(CFG_MODES)} (or absent), got {self.cfg_mode!r}")
+        if self.cfg_scale is not None:
+            if self.cfg_mode != "fixed":
+                raise ValueError(f"cfg_scale goes only with cfg_mode 'fixed', not {self.cfg_mode or 'none'!r}")
+            if finite(self.cfg_scale, "cfg_scale") < 0:
+                raise ValueError(f"cfg_scale must not be negative, got {self.cfg_scale!r}")
+        bad_steps = isinstance(self.steps_trained, bool) or not isinstance(self.steps_trained, int | None)
+        if bad_steps or (self.steps_trained is not None and self.steps_trained < 0):
             raise ValueError(f"steps_trained must be a non-negative integer, got {self.steps_trained!r}")
         if self.training_summary is not None and not isinstance(self.training_summary, dict):
             raise ValueError("training_summary must be a JSON object")
         for k, v in self.extra.items():
             if not isinstance(k, str) or not isinstance(v, str):
                 raise ValueError(f"metadata entries must be strings, got {k!r}: {v!r}")
-            if k in RESERVED_KEYS or k in ("cfg_mode", "steps_trained", "training_summary"):
+            if k in RESERVED_KEYS or k in _FIELD_KEYS:
                 raise ValueError(f"metadata key {k!r} is set by its own field, not by extra")
 
     def to_metadata(self) -> dict[str, str]:
         """The safetensors header metadata (all strings)."""
         meta = {
-            "perflow_format": FORMAT_NAME,
+            "perflow_format": self.format,
             "perflow_format_version": FORMAT_VERSION,
             "parameterization": self.parameterization,
             "num_windows": str(self.num_windows),
@@ -92,6 +101,8 @@ class DeltaMetadata:
         }
         if self.cfg_mode:
             meta["cfg_mode"] = self.cfg_mode
+        if self.cfg_scale is not None:
+            meta["cfg_scale"] = repr(float(self.cfg_scale))
         if self.steps_trained is not None:
             meta["steps_trained"] = str(self.steps_trained)
         if self.training_summary is not None:
@@ -100,9 +111,12 @@ class DeltaMetadata:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str]) -> "DeltaMetadata":
-        """Parse and validate header metadata; ValueError names the offending entry."""
-        if meta.get("perflow_format") != FORMAT_NAME:
-            raise ValueError(f"not a PeRFlow delta: perflow_format is {meta.get('perflow_format')!r}, not 'delta'")
+        """Parse and validate header metadata (perflow_format 'delta' or 'lora'); ValueError names the entry."""
+        fmt = meta.get("perflow_format")
+        if fmt not in (FORMAT_NAME, LORA_FORMAT_NAME):
+            raise ValueError(
+                f"not a PeRFlow delta or LoRA: perflow_format is {fmt!r}, not {FORMAT_NAME!r} or {LORA_FORMAT_NAME!r}"
+            )
         if meta.get("perflow_format_version") != FORMAT_VERSION:
             raise ValueError(
                 f"unsupported perflow_format_version {meta.get('perflow_format_version')!r}; this version reads "
@@ -110,28 +124,38 @@ class DeltaMetadata:
             )
         missing = [k for k in RESERVED_KEYS if k not in meta]
         if missing:
-            raise ValueError(f"PeRFlow delta metadata lacks {', '.join(missing)}")
+            raise ValueError(f"PeRFlow {fmt} metadata lacks {', '.join(missing)}")
         return cls(
             parameterization=meta["parameterization"],
-            num_windows=_parse_int(meta, "num_windows"),
+            num_windows=parse_int(meta["num_windows"], "metadata num_windows"),
             base_architecture=meta["base_architecture"],
             base_hash=meta["base_hash"],
-            cfg_mode=meta.get("cfg_mode", ""),
-            steps_trained=_parse_int(meta, "steps_trained") if "steps_trained" in meta else None,
-            training_summary=_parse_json(meta["training_summary"]) if "training_summary" in meta else None,
-            extra={
-                k: v
-                for k, v in meta.items()
-                if k not in RESERVED_KEYS and k not in ("cfg_mode", "steps_trained", "training_summary")
-            },
+            **_field_values(meta),
+            extra={k: v for k, v in meta.items() if k not in RESERVED_KEYS and k not in _FIELD_KEYS},
+            format=fmt,
         )
 
 
-def _parse_int(meta: dict[str, str], key: str) -> int:
-    value = meta[key]
-    if not isinstance(value, str) or not value.isdigit():
-        raise ValueError(f"metadata {key} must be a decimal integer, got {value!r}")
-    return int(value)
+def _field_values(entries: dict[str, str]) -> dict:
+    """cfg_mode/cfg_scale/steps_trained/training_summary parsed from strings; legacy cfg_mode values of older files,
+    'cfg_sync' and 'cfg_fixed <scale>', become 'sync' and 'fixed' with cfg_scale."""
+    values = {}
+    mode = entries.get("cfg_mode", "")
+    if "cfg_scale" in entries:
+        values["cfg_scale"] = parse_float(entries["cfg_scale"], "metadata cfg_scale")
+    if mode == "cfg_sync":
+        mode = "sync"
+    elif mode.startswith("cfg_fixed"):
+        scale = mode.removeprefix("cfg_fixed").strip(" ")
+        if scale:
+            values["cfg_scale"] = parse_float(scale, f"the scale in cfg_mode {mode!r}")
+        mode = "fixed"
+    values["cfg_mode"] = mode
+    if "steps_trained" in entries:
+        values["steps_trained"] = parse_int(entries["steps_trained"], "metadata steps_trained")
+    if "training_summary" in entries:
+        values["training_summary"] = _parse_json(entries["training_summary"])
+    return values
 
 
 def _parse_json(value: str) -> dict:
@@ -144,16 +168,27 @@ def _parse_json(value: str) -> dict:
     return parsed
 
 
-def _check_tensors(tensors: dict[str, torch.Tensor]) -> None:
-    if not tensors:
+def check_delta_tensors(tensors: dict[str, torch.Tensor], base_architecture: str) -> None:
+    """What a delta may hold: named floating-point tensors with elements, all finite, whose shapes are of
+    `base_architecture` (docs/delta-format.md); ValueError otherwise."""
+    if not isinstance(tensors, dict) or not tensors:
         raise ValueError("a delta needs at least one tensor")
     for key, t in tensors.items():
-        if not isinstance(key, str) or not key:
-            raise ValueError(f"tensor keys must be non-empty strings, got {key!r}")
+        if not isinstance(key, str) or not key or "\x00" in key:
+            raise ValueError(f"tensor names must be non-empty strings without NUL characters, got {key!r}")
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise ValueError(f"{key}: a delta tensor must be a floating-point torch.Tensor")
+            kind = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{key}: a delta tensor must be a floating-point torch.Tensor, got {kind}")
+        if t.numel() == 0:
+            raise ValueError(f"{key}: a delta tensor must hold at least one value, got shape {tuple(t.shape)}")
         if not torch.isfinite(t).all():
             raise ValueError(f"{key}: delta holds non-finite values (NaN or inf); refusing to save it")
+    shaped = guess_architecture({k: tuple(t.shape) for k, t in tensors.items()})
+    if shaped != "unknown" and shaped != base_architecture:
+        raise ValueError(
+            f"base_architecture is {base_architecture!r} but the tensor shapes are {ARCH_NAMES[shaped]}'s; "
+            f"pass base_architecture={shaped!r}"
+        )
 
 
 def save_delta(
@@ -166,16 +201,11 @@ def save_delta(
     base_hash: str,
     extra: dict[str, str] | None = None,
 ) -> None:
-    """Validate, then write atomically (temp file in the same folder + os.replace); `extra` may set cfg_mode etc."""
+    """Validate, then write atomically (temp file in the same folder + os.replace); `extra` may set cfg_mode,
+    cfg_scale, steps_trained, training_summary (strings, read as the metadata reader reads them) and free entries."""
     extra = dict(extra or {})
-    known = {}
-    if "cfg_mode" in extra:
-        known["cfg_mode"] = extra.pop("cfg_mode")
-    if "steps_trained" in extra:
-        known["steps_trained"] = _parse_int({"steps_trained": extra.pop("steps_trained")}, "steps_trained")
-    if "training_summary" in extra:
-        known["training_summary"] = _parse_json(extra.pop("training_summary"))
-    meta = DeltaMetadata(parameterization, num_windows, base_architecture, base_hash, extra=extra, **known)
-    _check_tensors(tensors)
+    fields = _field_values({k: extra.pop(k) for k in _FIELD_KEYS if k in extra})
+    meta = DeltaMetadata(parameterization, num_windows, base_architecture, base_hash, extra=extra, **fields)
+    check_delta_tensors(tensors, base_architecture)
     with atomic_path(path) as tmp:
         save_file({k: t.detach().contiguous() for k, t in tensors.items()}, tmp, metadata=meta.to_metadata())

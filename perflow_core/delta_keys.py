@@ -7,16 +7,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .delta_format import FORMAT_NAME, DeltaMetadata
+from .architecture import ARCH_NAMES, guess_architecture
+from .delta_format import FORMAT_NAME, LORA_FORMAT_NAME, DeltaMetadata
 from .parameterization import PARAMETERIZATIONS
-from .safetensors_file import DeltaFileError, Header, iter_tensors, read_header
+from .safetensors_file import DeltaFileError, Header, TensorInfo, iter_tensors, read_header
+from .windows import DEFAULT_NUM_WINDOWS
 
 FORMATS = ("perflow_delta", "diffusers_delta", "diffusers_merged", "ldm_delta", "ldm_merged", "kohya_lora")
-# attn2.to_k input width = the text-encoder context size of each family.
-CONTEXT_DIM_ARCH = {768: "sd15", 1024: "sd21", 2048: "sdxl"}
-ARCH_NAMES = {"sd15": "SD1.5", "sd21": "SD2.1", "sdxl": "SDXL", "toy": "toy", "unknown": "an unknown architecture"}
 LDM_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 _DIFFUSERS_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in.", "conv_out.", "time_embedding.")
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 _KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha", "diff", "diff_b")
 _MERGED_NORM_MEAN = 0.5  # norm weights sit near 1 in a model and near 0 in a difference of two models
 
@@ -27,10 +27,18 @@ def _unet_prefix(key: str) -> str:
 
 def key_style(keys: list[str], metadata: dict[str, str]) -> str:
     """'perflow_delta', 'kohya_lora', 'diffusers' or 'ldm' from key names and metadata; ValueError otherwise."""
-    if metadata.get("perflow_format") == FORMAT_NAME:
+    perflow_format = metadata.get("perflow_format")
+    if perflow_format == FORMAT_NAME:
         return "perflow_delta"
+    if perflow_format not in (None, LORA_FORMAT_NAME):
+        raise ValueError(
+            f"perflow_format {perflow_format!r} is not one this version reads ({FORMAT_NAME}, {LORA_FORMAT_NAME}); "
+            "update ComfyUI-PeRFlow"
+        )
     if any(k.startswith("lora_unet_") for k in keys):
         return "kohya_lora"
+    if perflow_format == LORA_FORMAT_NAME:
+        raise ValueError("perflow_format is 'lora' but the file has no kohya lora_unet_* keys")
     if any(k.startswith(LDM_PREFIXES) for k in keys):
         return "ldm"
     if any(k.removeprefix("unet.").startswith(_DIFFUSERS_ROOTS) for k in keys):
@@ -68,15 +76,6 @@ def detect_format(style: str, tensors: dict[str, torch.Tensor]) -> str:
     if style in ("perflow_delta", "kohya_lora"):
         return style
     return f"{style}_{'merged' if looks_merged(tensors) else 'delta'}"
-
-
-def guess_architecture(shapes: dict[str, tuple[int, ...]]) -> str:
-    """'sd15', 'sd21' or 'sdxl' from the attn2.to_k input width (768/1024/2048); 'unknown' otherwise."""
-    for key, shape in shapes.items():
-        flat = key.replace("_", ".")
-        if "attn2.to.k." in flat and "lora.up" not in flat and key.endswith("weight") and len(shape) == 2:
-            return CONTEXT_DIM_ARCH.get(shape[1], "unknown")
-    return "unknown"
 
 
 def ldm_key_map(keys: list[str]) -> dict[str, str]:
@@ -175,16 +174,21 @@ def mismatch_error(path: str | os.PathLike, plan: KeyPlan, file_arch: str, model
         parts.append(f"{len(plan.mismatched)} of {total} keys differ in shape (e.g. {ex})")
     if not total:
         parts.append("it holds no UNet weights")
-    problem = (
-        f"does not fit the connected model: {'; '.join(parts)}. The file looks like {ARCH_NAMES[file_arch]}, "
-        f"the model is {ARCH_NAMES[model_arch]}; nothing was applied"
-    )
-    if file_arch != "unknown" and file_arch != model_arch:
+    if file_arch == model_arch != "unknown":
+        where = (
+            f"The file and the model are both {ARCH_NAMES[model_arch]}, but their UNets differ (another "
+            f"{ARCH_NAMES[model_arch]} variant, e.g. inpainting or a resized UNet)"
+        )
+        fix = f"use a PeRFlow file made for this {ARCH_NAMES[model_arch]} variant, or connect the model it was made for"
+    elif file_arch != "unknown":
+        where = f"The file looks like {ARCH_NAMES[file_arch]}, the model is {ARCH_NAMES[model_arch]}"
         fix = (
             f"connect an {ARCH_NAMES[file_arch]} checkpoint, or pick the PeRFlow file made for {ARCH_NAMES[model_arch]}"
         )
     else:
+        where = f"The file's architecture cannot be told from its shapes, the model is {ARCH_NAMES[model_arch]}"
         fix = "use a PeRFlow file made for this model's architecture"
+    problem = f"does not fit the connected model: {'; '.join(parts)}. {where}; nothing was applied"
     return DeltaFileError(path, problem, fix)
 
 
@@ -208,13 +212,13 @@ def resolve_parameterization(choice: str, fmt: str, arch: str, metadata: DeltaMe
 
 
 def resolve_num_windows(choice: int, metadata: DeltaMetadata | None) -> tuple[int, str]:
-    """(windows, note to log): the file's metadata wins, else the user's choice, else (0 = auto) 4."""
+    """(windows, note to log): the file's metadata wins, else the user's choice, else (0 = auto) the default 4."""
     if metadata is not None:
         note = ""
         if choice not in (0, metadata.num_windows):
             note = f"the file was trained with {metadata.num_windows} windows; ignoring the chosen {choice}"
         return metadata.num_windows, note
-    return (choice or 4), ""
+    return (choice or DEFAULT_NUM_WINDOWS), ""
 
 
 @dataclass
@@ -228,17 +232,44 @@ class WeightFile:
     metadata: DeltaMetadata | None
 
 
+def check_weight_tensors(path: str | os.PathLike, style: str, infos: dict[str, TensorInfo]) -> None:
+    """Before any data is read: a delta, model or LoRA holds floating-point tensors (a kohya `alpha` may be an
+    integer scalar), and not only empty ones (docs/delta-format.md); raises DeltaFileError."""
+    for key, info in infos.items():
+        integer_alpha = style == "kohya_lora" and key.endswith(".alpha") and info.shape == () and info.dtype != "BOOL"
+        if info.dtype not in FLOAT_DTYPES and not integer_alpha:
+            raise DeltaFileError(
+                path,
+                f"tensor {key!r} is {info.dtype}; weights and deltas are floating point (F16, BF16, F32, F64)",
+                "export the weights again as floating point",
+            )
+    if all(math.prod(info.shape) == 0 for info in infos.values()):
+        raise DeltaFileError(path, "its UNet tensors are all empty (zero-size)", "export the weights again")
+
+
 def read_weight_file(path: str | os.PathLike) -> WeightFile:
-    """Read and classify a delta/merged/LoRA file, loading only its UNet tensors; raises DeltaFileError."""
+    """Read and classify a delta/merged/LoRA file, loading only its UNet tensors; raises DeltaFileError for every
+    bad file. The architecture comes from the tensor shapes; the metadata's is used only where shapes cannot tell,
+    and a file whose metadata contradicts its shapes is refused."""
     header: Header = read_header(path)
     try:
         style = key_style(list(header.tensors), header.metadata)
-        metadata = DeltaMetadata.from_metadata(header.metadata) if style == "perflow_delta" else None
+        has_metadata = style == "perflow_delta" or header.metadata.get("perflow_format") == LORA_FORMAT_NAME
+        metadata = DeltaMetadata.from_metadata(header.metadata) if has_metadata else None
     except ValueError as e:
         raise DeltaFileError(path, str(e), "export the file again or pick another one") from None
-    tensors = dict(iter_tensors(path, header, keeps_key(style)))
-    fmt = detect_format(style, tensors)
-    arch = (
-        metadata.base_architecture if metadata else guess_architecture({k: tuple(t.shape) for k, t in tensors.items()})
-    )
-    return WeightFile(os.fspath(path), fmt, arch, tensors, metadata)
+    keep = keeps_key(style)
+    kept = {k: info for k, info in header.tensors.items() if keep(k)}
+    check_weight_tensors(path, style, kept)
+    arch = guess_architecture({k: info.shape for k, info in kept.items()})
+    if metadata is not None and arch == "unknown":
+        arch = metadata.base_architecture
+    elif metadata is not None and arch != metadata.base_architecture:
+        raise DeltaFileError(
+            path,
+            f"its metadata says base_architecture {metadata.base_architecture!r} but its tensor shapes are "
+            f"{ARCH_NAMES[arch]}'s",
+            "export the file again with the right base_architecture",
+        )
+    tensors = dict(iter_tensors(path, header, keep))
+    return WeightFile(os.fspath(path), detect_format(style, tensors), arch, tensors, metadata)

@@ -3,9 +3,21 @@
 import torch
 
 from .noising import straight_line_latent
-from .parameterization import velocity_from_table, window_table
+from .number_parsing import finite
+from .parameterization import check_parameterization, velocity_from_table, window_table
 from .schedule import sd_alphas_cumprod
-from .windows import NUM_TRAIN_TIMESTEPS
+from .windows import DEFAULT_NUM_WINDOWS, NUM_TRAIN_TIMESTEPS, check_num_windows
+
+
+def check_sigma(sigma: torch.Tensor) -> None:
+    """PeRFlow's sigma is the time t in [0, 1]: NaN, below 0 or above 1 is refused (it has no window)."""
+    s = torch.as_tensor(sigma).detach()
+    lo, hi = (s.item(), s.item()) if s.numel() == 1 else [v.item() for v in torch.aminmax(s.reshape(-1))]
+    if not (0.0 <= lo and hi <= 1.0):  # NaN fails every comparison
+        raise ValueError(
+            f"PeRFlow sigma must be a time t in [0, 1] (1 = noise), got {s.reshape(-1)[:4].tolist()}; use the "
+            "'perflow' scheduler or the PeRFlow Scheduler node, not a schedule made for another model"
+        )
 
 
 class PeRFlowModelSampling(torch.nn.Module):
@@ -21,13 +33,22 @@ class PeRFlowModelSampling(torch.nn.Module):
         alphas_cumprod: the base model's 1000-entry noise table; None means Stable Diffusion's.
     """
 
-    def __init__(self, parameterization: str, num_windows: int = 4, alphas_cumprod: torch.Tensor | None = None):
+    def __init__(
+        self, parameterization: str, num_windows: int = DEFAULT_NUM_WINDOWS, alphas_cumprod: torch.Tensor | None = None
+    ):
         super().__init__()
-        if not isinstance(num_windows, int) or not 1 <= num_windows <= NUM_TRAIN_TIMESTEPS:
-            raise ValueError(f"num_windows must be an integer in 1..{NUM_TRAIN_TIMESTEPS}, got {num_windows!r}")
+        check_parameterization(parameterization)
+        check_num_windows(num_windows)
         ac = sd_alphas_cumprod() if alphas_cumprod is None else torch.as_tensor(alphas_cumprod, dtype=torch.float32)
         if ac.shape != (NUM_TRAIN_TIMESTEPS,) or not torch.isfinite(ac).all() or not ((ac > 0) & (ac < 1)).all():
-            raise ValueError(f"alphas_cumprod must hold {NUM_TRAIN_TIMESTEPS} finite values in (0, 1)")
+            raise ValueError(
+                f"alphas_cumprod must hold {NUM_TRAIN_TIMESTEPS} finite values in (0, 1), got shape {tuple(ac.shape)}"
+            )
+        if not (ac[1:] < ac[:-1]).all():
+            raise ValueError(
+                "alphas_cumprod must be strictly decreasing (noise grows with every timestep); this noise table is "
+                "not a DDPM schedule PeRFlow can use"
+            )
         self.parameterization = parameterization
         self.num_windows = num_windows
         self.sigma_data = 1.0
@@ -52,6 +73,7 @@ class PeRFlowModelSampling(torch.nn.Module):
         return torch.clamp(torch.as_tensor(timestep, dtype=torch.float32) / NUM_TRAIN_TIMESTEPS, 0.0, 1.0)
 
     def percent_to_sigma(self, percent: float) -> float:
+        percent = finite(percent, "percent")
         if percent <= 0.0:
             return 1.0
         if percent >= 1.0:
@@ -64,11 +86,13 @@ class PeRFlowModelSampling(torch.nn.Module):
     def calculate_denoised(
         self, sigma: torch.Tensor, model_output: torch.Tensor, model_input: torch.Tensor
     ) -> torch.Tensor:
+        check_sigma(sigma)
         v = velocity_from_table(self.window_table, self.parameterization, model_output, model_input, sigma)
         s = sigma.reshape(sigma.shape[:1] + (1,) * (model_input.ndim - 1)) if sigma.ndim else sigma
         return torch.addcmul(model_input, v, -s.to(v.dtype))  # x - t v: straight-line extrapolation to t = 0
 
     def noise_scaling(self, sigma, noise, latent_image, max_denoise=False) -> torch.Tensor:
+        check_sigma(sigma)
         if max_denoise:  # text-to-image: the published pipelines start from plain randn (init_noise_sigma = 1)
             return noise
         return straight_line_latent(latent_image, noise, sigma, self.alphas_cumprod, self.num_windows)

@@ -5,14 +5,25 @@ from functools import lru_cache
 import torch
 
 NUM_TRAIN_TIMESTEPS = 1000
+DEFAULT_NUM_WINDOWS = 4  # the published PeRFlow models
+MAX_NUM_WINDOWS = 16  # the most windows any node, trainer or delta file accepts
 # Published lookup tolerance: (t - 0.1 * precision) <= window_end moves on to the next window (SP Time_Windows).
 _LOOKUP_SLACK = 0.1 / NUM_TRAIN_TIMESTEPS
 
 
+def check_num_windows(num_windows: int) -> int:
+    """The one range check for K: an int (not a bool) in 1..MAX_NUM_WINDOWS; returns it, else ValueError."""
+    if isinstance(num_windows, bool) or not isinstance(num_windows, int) or not 1 <= num_windows <= MAX_NUM_WINDOWS:
+        raise ValueError(
+            f"num_windows must be an integer from 1 to {MAX_NUM_WINDOWS} (the published models use "
+            f"{DEFAULT_NUM_WINDOWS}), got {num_windows!r}"
+        )
+    return num_windows
+
+
 def time_windows(num_windows: int) -> tuple[list[float], list[float]]:
     """Window starts and ends, e.g. K=4: starts [1, .75, .5, .25], ends [.75, .5, .25, 0] (SP Time_Windows)."""
-    if not isinstance(num_windows, int) or num_windows < 1:
-        raise ValueError(f"num_windows must be a positive integer, got {num_windows!r}")
+    check_num_windows(num_windows)
     starts = [1.0 * i / num_windows for i in range(1, num_windows + 1)][::-1]
     return starts, starts[1:] + [0.0]
 

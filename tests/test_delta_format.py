@@ -21,7 +21,7 @@ def _delta():
 def test_metadata_round_trip(tmp_path):
     path = tmp_path / "d.safetensors"
     summary = json.dumps({"loss": 0.12, "lr": 1e-5})
-    extra = {"cfg_mode": "cfg3.5", "steps_trained": "1200", "training_summary": summary, "note": "x"}
+    extra = {"cfg_mode": "fixed", "cfg_scale": "3.5", "steps_trained": "1200", "training_summary": summary, "note": "x"}
     save_delta(
         path,
         _delta(),
@@ -37,7 +37,8 @@ def test_metadata_round_trip(tmp_path):
     assert meta["perflow_format"] == "delta" and meta["perflow_format_version"] == "1"
     md = DeltaMetadata.from_metadata(meta)
     assert (md.parameterization, md.num_windows, md.base_architecture, md.base_hash) == ("diff_eps", 4, "sd15", HASH)
-    assert md.cfg_mode == "cfg3.5" and md.steps_trained == 1200 and md.training_summary == {"loss": 0.12, "lr": 1e-5}
+    assert md.cfg_mode == "fixed" and md.cfg_scale == 3.5 and md.steps_trained == 1200
+    assert md.training_summary == {"loss": 0.12, "lr": 1e-5}
     assert md.extra == {"note": "x"}
     assert DeltaMetadata.from_metadata(md.to_metadata()) == md
 
@@ -51,7 +52,7 @@ def test_metadata_round_trip(tmp_path):
         ({"base_architecture": "sd3"}, "base_architecture"),
         ({"base_hash": "xyz"}, "base_hash"),
         ({"perflow_format_version": "2"}, "perflow_format_version"),
-        ({"perflow_format": "lora"}, "not a PeRFlow delta"),
+        ({"perflow_format": "lora2"}, "not a PeRFlow delta"),
         ({"training_summary": "{not json"}, "training_summary"),
         ({"steps_trained": "-3"}, "steps_trained"),
     ],

@@ -6,6 +6,7 @@ model files), and each UI graph converts to exactly its API twin using the real 
 """
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,13 @@ MODEL_INPUTS = {
     ("CLIPLoader", "clip_name"): "text_encoders",
     ("VAELoader", "vae_name"): "vae",
     ("LoadImage", "image"): "input",
+    ("ADE_LoadAnimateDiffModel", "model_name"): "animatediff_models",
 }
+
+
+def needs_animatediff(api: dict) -> bool:
+    """Whether a workflow uses AnimateDiff-Evolved's nodes (validated only when ANIMATEDIFF_PATH is set)."""
+    return any(e["class_type"].startswith("ADE_") for e in api.values())
 
 
 def load(path):
@@ -69,6 +76,21 @@ def test_note_names_every_model_with_url_folder_and_licence(name):
     assert "CC-BY-NC-4.0" in text and "licence" in text
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_opens_with_everything_visible(name):
+    """At the saved zoom in a 1920x1080 window: Note top-left, every node on screen, none under another or the
+    minimap (node sizes as the frontend draws them; tools/workflows_tool.py view_problems)."""
+    assert wt.view_problems(load(wt.WORKFLOWS / f"{name}.json")) == []
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_delta_loader_summary_is_shown(name):
+    api = load(wt.API_DIR / f"{name}.json")
+    loaders = [nid for nid, e in api.items() if e["class_type"] == "PeRFlowDeltaLoader"]
+    previews = [e["inputs"]["source"] for e in api.values() if e["class_type"] == "PreviewAny"]
+    assert all([nid, 1] in previews for nid in loaders)
+
+
 # ---------------------------------------------------------------- with a real ComfyUI
 
 
@@ -79,6 +101,9 @@ def comfy():
 
     base = comfy_env.setup_comfyui()  # skips without COMFYUI_PATH
     comfy_env.load_pack()
+    with_animatediff = bool(os.environ.get("ANIMATEDIFF_PATH"))
+    if with_animatediff:
+        comfy_env.load_animatediff()
     import folder_paths
 
     import nodes
@@ -86,6 +111,8 @@ def comfy():
     for cls in {e["class_type"] for p in API_FILES for e in load(p).values()} & set(nodes.NODE_CLASS_MAPPINGS):
         nodes.NODE_CLASS_MAPPINGS[cls].INPUT_TYPES()  # the delta loader registers models/perflow on first use
     for api_path in API_FILES:
+        if needs_animatediff(load(api_path)) and not with_animatediff:
+            continue
         for entry in load(api_path).values():
             for (cls, inp), folder in MODEL_INPUTS.items():
                 if entry["class_type"] == cls and inp in entry["inputs"]:
@@ -96,6 +123,10 @@ def comfy():
 
 
 def _require_classes(nodes, api):
+    if needs_animatediff(api):
+        import comfy_env
+
+        comfy_env.require_animatediff()  # skips, naming ANIMATEDIFF_PATH
     missing = sorted({e["class_type"] for e in api.values()} - set(nodes.NODE_CLASS_MAPPINGS))
     assert not missing, f"unknown node classes (did this pack fail to import?): {missing}"
 
@@ -121,3 +152,52 @@ def test_ui_graph_converts_to_its_api_twin(comfy, name):
         assert [(i["name"], i["type"]) for i in n["inputs"]] == [
             (name, typ) for name, typ, _ in wt.socket_inputs(schema[n["type"]])
         ], n["type"]
+
+
+# The shipped SD1.5 workflows whose models a test can stand in for: the tiny random SD1.5 checkpoint under the
+# workflow's checkpoint name, and a diffusers-format dW (no metadata, like the published delta) under the delta name.
+RUNNABLE = ["sd15_delta_t2i_4step", "sd15_cfg_schedule", "sd15_sampler_custom_advanced"]
+
+
+@pytest.fixture(scope="module")
+def tiny_sd15_as_shipped(comfy):
+    import folder_paths
+    import torch
+    from comfy.utils import unet_to_diffusers
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    import checkpoints
+
+    _, comfy_env = comfy
+    names = {e["class_type"]: e["inputs"] for n in RUNNABLE for e in load(wt.API_DIR / f"{n}.json").values()}
+    ckpt = comfy_env.model_dir("checkpoints") / names["CheckpointLoaderSimple"]["ckpt_name"]
+    ckpt.unlink(missing_ok=True)  # the placeholder of the validation tests
+    ckpt.symlink_to(checkpoints.checkpoint_path("sd15"))
+    to_diffusers = {v: k for k, v in unet_to_diffusers(checkpoints.unet_config("sd15")).items()}
+    with safe_open(str(ckpt), "pt") as f:
+        keys = [k for k in f.keys() if k.startswith("model.diffusion_model.") and "transformer_blocks.0.attn2" in k]
+        g = torch.Generator().manual_seed(0)
+        dw = {
+            to_diffusers[k.removeprefix("model.diffusion_model.")]: 0.01
+            * torch.randn(f.get_slice(k).get_shape(), generator=g)
+            for k in keys
+        }  # noqa: E501
+    save_file(dw, str(comfy_env.model_dir("perflow") / names["PeRFlowDeltaLoader"]["delta_name"]))
+    folder_paths.filename_list_cache.clear()
+    return len(dw)
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_sd15_workflow_runs_and_shows_the_summary(comfy, tiny_sd15_as_shipped, name):
+    _, comfy_env = comfy
+    api = load(wt.API_DIR / f"{name}.json")
+    for entry in api.values():
+        if entry["class_type"] == "EmptyLatentImage":
+            entry["inputs"].update(width=64, height=64)  # the tiny model at 512x512 would take minutes on a CPU
+    outputs = comfy_env.run_prompt(api)
+    [summary] = [outputs[nid]["text"][0] for nid, e in api.items() if e["class_type"] == "PreviewAny"]
+    assert f"diffusers_delta, SD1.5 file on SD1.5 model; {tiny_sd15_as_shipped} weights patched" in summary
+    assert "parameterization diff_eps, 4 windows" in summary
+    [images] = [outputs[nid]["images"] for nid, e in api.items() if e["class_type"] == "SaveImage"]
+    assert len(images) == 1

@@ -1,8 +1,10 @@
 """Write the example workflows: workflows/<name>.json (UI graph) and workflows/api/<name>.json (API prompt).
 
-Run with ComfyUI's Python, so that widget order comes from the real node definitions:
-    COMFYUI_PATH=/path/to/ComfyUI /path/to/ComfyUI/venv/bin/python tools/build_workflows.py
+Run from the repository root with ComfyUI's Python, so that widget order comes from the real node definitions:
+    COMFYUI_PATH=/path/to/ComfyUI /path/to/ComfyUI/venv/bin/python -m tools.build_workflows
 Each workflow is written once in API form below; the UI graph is derived from it with workflows_tool.api_to_ui.
+A recipe places nodes on a grid by hint (x: column, y: order within the column; only the order matters); layout()
+turns that into positions from the real node sizes, with the Note top-left, and picks the zoom the file opens at.
 """
 
 from __future__ import annotations
@@ -14,10 +16,21 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from tools.workflows_tool import (
+    API_DIR,
+    FRONTEND_WIDGETS,
+    TITLE_H,
+    VIEW,
+    WORKFLOWS,
+    api_to_ui,
+    node_size,
+    object_info,
+    view_for,
+    view_problems,
+)
+from training.cli import ArgumentParser, run
 
-from tools.workflows_tool import API_DIR, WORKFLOWS, api_to_ui, object_info  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 HF = "https://huggingface.co"
 PERFLOW_LICENCE = "CC-BY-NC-4.0 (PeRFlow weights: non-commercial use only)"
@@ -164,11 +177,14 @@ def perflow_ksampler(g, model, positive, negative, latent, steps, cfg, denoise):
 
 
 def sd15_delta(g, model, pos):
-    """PeRFlow Delta Loader with the published SD1.5 delta at strength 1, settings read from the file."""
-    return g.add(
+    """PeRFlow Delta Loader with the published SD1.5 delta at strength 1, settings read from the file, and its
+    summary shown by a Preview Any node right below it."""
+    delta = g.add(
         "PeRFlowDeltaLoader", pos, dl=SD15_DELTA, delta_name=SD15_DELTA.name, strength=1.0, parameterization="auto",
         num_windows=0, model=model,
     )  # fmt: skip
+    g.add("PreviewAny", (pos[0], pos[1] + 1), "PeRFlow summary", source=(delta, 1), **FRONTEND_WIDGETS["PreviewAny"])
+    return delta
 
 
 def decode_save(g, latent, vae, prefix, x=1270):
@@ -280,14 +296,14 @@ def sd15_img2img_tile():
     )
     ckpt = g.add("CheckpointLoaderSimple", (40, 200), dl=SD15, ckpt_name=SD15.name)
     delta = sd15_delta(g, (ckpt, 0), (40, 380))
-    pos, neg = sd15_text(g, ckpt)
-    load = g.add("LoadImage", (40, 620), image="example.png")
-    scaled = g.add("ImageScaleToTotalPixels", (420, 620), upscale_method="lanczos", megapixels=1.0, image=(load, 0))
-    enc = g.add("VAEEncode", (420, 800), pixels=(scaled, 0), vae=(ckpt, 2))
-    cn = g.add("ControlNetLoader", (40, 960), dl=TILE, control_net_name=TILE.name)
+    load = g.add("LoadImage", (420, 60), image="example.png")
+    scaled = g.add("ImageScaleToTotalPixels", (420, 400), upscale_method="lanczos", megapixels=1.0, image=(load, 0))
+    enc = g.add("VAEEncode", (420, 500), pixels=(scaled, 0), vae=(ckpt, 2))
+    cn = g.add("ControlNetLoader", (420, 600), dl=TILE, control_net_name=TILE.name)
+    pos, neg = sd15_text(g, ckpt, x=640)
     apply = g.add(
         "ControlNetApplyAdvanced",
-        (850, 520),
+        (640, 520),
         strength=1.0,
         start_percent=0.0,
         end_percent=1.0,
@@ -371,34 +387,75 @@ BUILDERS = [
 
 def load_schema(class_types):
     """object_info for class_types from an in-process ComfyUI at $COMFYUI_PATH, with this pack loaded."""
+    if not os.environ.get("COMFYUI_PATH"):
+        raise ValueError("COMFYUI_PATH is not set: point it at a ComfyUI checkout and run this with its Python")
     comfy = Path(os.environ["COMFYUI_PATH"]).resolve()
-    sys.path.insert(0, str(comfy))
+    if not (comfy / "nodes.py").is_file():
+        raise ValueError(f"COMFYUI_PATH={comfy} is not a ComfyUI checkout (no nodes.py)")
+    sys.path.insert(0, str(comfy))  # ComfyUI is not a package: its modules are imported from its root
     from comfy.cli_args import args
 
     args.cpu = True
     import folder_paths
+    import utils.install_util  # noqa: F401  (as main.py: before nodes.py shadows utils/ with comfy/utils.py)
 
     import nodes
 
     parent = Path(tempfile.mkdtemp(prefix="perflow_custom_nodes_"))
     (parent / "ComfyUI-PeRFlow").symlink_to(REPO)
+    if os.environ.get("ANIMATEDIFF_PATH"):  # the AnimateDiff workflow's ADE_* nodes
+        (parent / "ComfyUI-AnimateDiff-Evolved").symlink_to(Path(os.environ["ANIMATEDIFF_PATH"]).resolve())
     folder_paths.add_model_folder_path("custom_nodes", str(parent))
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
     known = [c for c in class_types if c in nodes.NODE_CLASS_MAPPINGS]
     schema = object_info(nodes.NODE_CLASS_MAPPINGS, known)
     missing = set(class_types) - set(schema)
     if missing:
-        raise SystemExit(f"node classes not found: {sorted(missing)}")
+        raise ValueError(f"node classes not found in this ComfyUI: {sorted(missing)} (update ComfyUI)")
     return schema
 
 
-def note_node(g, nid):
+NOTE_W = 460  # the Note's width; its height follows from the text
+GAP_X, GAP_Y, MARGIN = 50, 30, 20  # between columns, between a node and the next one's title bar, around it all
+
+
+def note_size(text: str) -> list[int]:
+    """[width, height] of a Note that shows `text` without scrolling (the frontend's 10 px textarea font)."""
+    chars_per_line, line_h = (NOTE_W - 20) // 6, 13
+    lines = sum(max(1, -(-len(line) // chars_per_line)) for line in text.split("\n"))
+    return [NOTE_W, lines * line_h + 30]
+
+
+def layout(g, schema, note: list[int]) -> tuple[dict, list[int], list[int]]:
+    """({node id: (x, y)}, Note position, [width, height] of the whole graph) from the recipe's grid hints.
+
+    Columns are the distinct hint x values, left to right; in a column, nodes follow their hint y. Each node's pos is
+    its body's top-left: its title bar occupies the TITLE_H above it. The Note heads the first column.
+    """
+    columns: dict = {}
+    for nid, (x, y) in g.pos.items():
+        columns.setdefault(x, []).append((y, nid))
+    pos, x = {}, MARGIN
+    bottom = MARGIN + TITLE_H + note[1]
+    for k, cx in enumerate(sorted(columns)):
+        members = [nid for _, nid in sorted(columns[cx])]
+        sizes = [node_size(g.api[nid]["class_type"], schema[g.api[nid]["class_type"]]) for nid in members]
+        y = MARGIN + TITLE_H + (note[1] + GAP_Y + TITLE_H if k == 0 else 0)
+        for nid, (_, h) in zip(members, sizes, strict=True):
+            pos[nid] = (x, y)
+            y += h + GAP_Y + TITLE_H
+        bottom = max(bottom, y - GAP_Y - TITLE_H)
+        x += max([w for w, _ in sizes] + ([note[0]] if k == 0 else [])) + GAP_X
+    return pos, [MARGIN, MARGIN + TITLE_H], [x - GAP_X + MARGIN, bottom + MARGIN]
+
+
+def note_node(g, nid, pos, size):
     return {
         "id": nid,
         "type": "Note",
         "title": "Models, licences and settings",
-        "pos": [40, -420],
-        "size": [760, 400],
+        "pos": pos,
+        "size": size,
         "flags": {},
         "mode": 0,
         "inputs": [],
@@ -411,17 +468,104 @@ def note_node(g, nid):
 
 
 def main():
+    ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
     graphs = [b() for b in BUILDERS]
     schema = load_schema(sorted({e["class_type"] for g in graphs for e in g.api.values()}))
     API_DIR.mkdir(parents=True, exist_ok=True)
     for g in graphs:
-        ui = api_to_ui(g.api, schema, [note_node(g, len(g.api) + 1)], g.pos, g.props)
+        note = note_size(g.note_text())
+        pos, note_pos, extent = layout(g, schema, note)
+        ui = api_to_ui(g.api, schema, [note_node(g, len(g.api) + 1, note_pos, note)], pos, g.props)
+        ui["extra"]["ds"] = view_for(extent)
+        problems = view_problems(ui)
+        if problems:
+            raise ValueError(f"{g.name}: {'; '.join(problems)}")
         ui["extra"]["info"] = {"name": g.title}
         ui["models"] = [m.prop() for m in g.models]
         (WORKFLOWS / f"{g.name}.json").write_text(json.dumps(ui, indent=2) + "\n")
         (API_DIR / f"{g.name}.json").write_text(json.dumps(g.api, indent=2) + "\n")
-        print("wrote", g.name)
+        print(f"wrote {g.name} ({extent[0]}x{extent[1]} at zoom {ui['extra']['ds']['scale']}; view {VIEW})")
+
+
+# ---------------------------------------------------------------- AnimateDiff video and SDXL plug-and-play
+
+MM_SD15_V2 = Model(
+    "animatediff_models",
+    "mm_sd_v15_v2.ckpt",
+    f"{HF}/guoyww/animatediff/resolve/main/mm_sd_v15_v2.ckpt",
+    "Apache-2.0 (AnimateDiff, guoyww)",
+    "needs the AnimateDiff-Evolved node pack (Kosinkadink/ComfyUI-AnimateDiff-Evolved)",
+)
+SDXL_FINETUNE = Model(
+    "checkpoints",
+    SDXL_BASE.name,
+    SDXL_BASE.url,
+    SDXL_BASE.licence,
+    "stands in for your SDXL fine-tune: pick any SDXL checkpoint in the loader",
+)
+SDXL_DELTA_NAME = "perflow-sdxl-delta.safetensors"
+
+
+def sd15_animatediff():
+    g = Graph(
+        "sd15_animatediff_perflow",
+        "PeRFlow SD1.5 + AnimateDiff video, 16 frames, 6 steps",
+        "The PeRFlow SD1.5 delta (Delta Loader) + the AnimateDiff v2 motion module through AnimateDiff-Evolved's "
+        "Gen2 nodes, with context options (16-frame windows, overlap 4: raise batch_size in Empty Latent Image "
+        "for longer clips). 'Use Evolved Sampling' MUST keep beta_schedule 'use existing': its default "
+        "'autoselect' swaps in AnimateDiff's own noise table and model sampling, which PeRFlow refuses with an "
+        "error. KSampler: sampler and scheduler 'perflow', 6 steps (4-8 work), cfg 4.5, 512x512, saved as an "
+        "animated WebP at 8 fps.",
+    )
+    ckpt = g.add("CheckpointLoaderSimple", (40, 200), dl=SD15, ckpt_name=SD15.name)
+    delta = sd15_delta(g, (ckpt, 0), (40, 380))
+    mm = g.add("ADE_LoadAnimateDiffModel", (40, 640), dl=MM_SD15_V2, model_name=MM_SD15_V2.name)
+    apply = g.add("ADE_ApplyAnimateDiffModelSimple", (40, 760), motion_model=(mm, 0))
+    ctx = g.add(
+        "ADE_StandardUniformContextOptions", (40, 900), context_length=16, context_stride=1, context_overlap=4,
+        fuse_method="pyramid", use_on_equal_length=False, start_percent=0.0, guarantee_steps=1,
+    )  # fmt: skip
+    evolved = g.add(
+        "ADE_UseEvolvedSampling", (420, 540), "Use Evolved Sampling (beta_schedule: use existing)",
+        beta_schedule="use existing", model=(delta, 0), m_models=(apply, 0), context_options=(ctx, 0),
+    )  # fmt: skip
+    pos = g.add("CLIPTextEncode", (420, 60), "Positive prompt", text=POSITIVE, clip=(ckpt, 1))
+    neg = g.add("CLIPTextEncode", (420, 290), "Negative prompt", text=NEGATIVE, clip=(ckpt, 1))
+    lat = g.add("EmptyLatentImage", (420, 760), width=512, height=512, batch_size=16)
+    ks = perflow_ksampler(g, (evolved, 0), (pos, 0), (neg, 0), (lat, 0), steps=6, cfg=4.5, denoise=1.0)
+    img = g.add("VAEDecode", (1270, 60), samples=(ks, 0), vae=(ckpt, 2))
+    g.add(
+        "SaveAnimatedWEBP", (1270, 180), filename_prefix="perflow/sd15_animatediff", fps=8.0, lossless=False,
+        quality=90, method="default", images=(img, 0),
+    )  # fmt: skip
+    return g
+
+
+def sdxl_extracted_delta():
+    g = Graph(
+        "sdxl_finetune_extracted_delta_6step",
+        "PeRFlow on any SDXL fine-tune: extracted delta, ddim_eps, 6 steps",
+        "Make the delta once from the published merged PeRFlow SDXL UNet and SDXL base (see README, SDXL "
+        "plug-and-play):\n  python -m training.extract_delta --merged perflow-sdxl-base-unet.safetensors "
+        f"--base sd_xl_base_1.0.safetensors --out ComfyUI/models/perflow/{SDXL_DELTA_NAME}\n"
+        f"(the merged UNet: {SDXL_UNET.url}; licence {SDXL_UNET.licence}). The Delta Loader adds it to your SDXL "
+        "fine-tune with parameterization ddim_eps and 4 windows. KSampler: 'perflow' sampler and scheduler, "
+        "6 steps, cfg 2.0, 1024x1024.",
+    )
+    ckpt = g.add("CheckpointLoaderSimple", (40, 200), "SDXL fine-tune", dl=SDXL_FINETUNE, ckpt_name=SDXL_FINETUNE.name)
+    delta = g.add(
+        "PeRFlowDeltaLoader", (420, 540), "PeRFlow Delta Loader (extracted SDXL delta)", delta_name=SDXL_DELTA_NAME,
+        strength=1.0, parameterization="ddim_eps", num_windows=4, model=(ckpt, 0),
+    )  # fmt: skip
+    pos, neg = sd15_text(g, ckpt)
+    lat = g.add("EmptyLatentImage", (420, 760), width=1024, height=1024, batch_size=1)
+    ks = perflow_ksampler(g, (delta, 0), (pos, 0), (neg, 0), (lat, 0), steps=6, cfg=2.0, denoise=1.0)
+    decode_save(g, ks, ckpt, "perflow/sdxl_extracted_delta_6step")
+    return g
+
+
+BUILDERS += [sd15_animatediff, sdxl_extracted_delta]
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -4,14 +4,16 @@
 "input_order": {"required": [...], "optional": [...]}, "output": [...], "output_name": [...]}}``. In-process they
 come from :func:`object_info` over ``nodes.NODE_CLASS_MAPPINGS``; a running server gives the same at ``/object_info``.
 
-Usage: ``python tools/workflows_tool.py check`` (structure and link checks of every file in workflows/, no ComfyUI).
+Usage: ``python -m tools.workflows_tool check`` (structure, link and layout checks of every file in workflows/, no
+ComfyUI).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
+
+from training.cli import ArgumentParser, run
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 API_DIR = WORKFLOWS / "api"
@@ -19,6 +21,28 @@ API_DIR = WORKFLOWS / "api"
 VIRTUAL_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_NAMES = {"seed", "noise_seed"}  # the frontend adds control_after_generate to these even without the flag
+ANY_TYPE = "*"  # an input that takes any output type (Preview Any's source)
+# Widgets the frontend adds on its own and sends in the prompt (ComfyUI drops inputs a node does not declare):
+# Preview Any's read-only text box.
+FRONTEND_WIDGETS = {"PreviewAny": {"preview": ""}}
+# LiteGraph's geometry in ComfyUI's frontend: the title bar is drawn ABOVE a node's pos; the body holds one row per
+# socket (the longer of inputs and outputs) and one per widget (20 px + 4 spacing, +8 below the last), +6 margin.
+# This reproduces the frontend's own sizes (KSampler 315x262, CheckpointLoaderSimple 315x98, VAEDecode 315x46).
+TITLE_H, SLOT_H, WIDGET_H, NODE_W = 30, 20, 24, 315
+# Nodes whose body holds more than rows (a text box, an image preview: the frontend's default sizes), and loaders
+# wide enough to show a whole model file name.
+MIN_SIZES = {
+    **dict.fromkeys(
+        ["CheckpointLoaderSimple", "PeRFlowDeltaLoader", "LoraLoader", "UNETLoader", "CLIPLoader", "VAELoader"],
+        (400, 0),
+    ),
+    "ControlNetLoader": (400, 0),
+    "CLIPTextEncode": (400, 200),
+    "SaveImage": (315, 290),
+    "PreviewImage": (315, 290),
+    "LoadImage": (315, 330),
+    "PreviewAny": (400, 130),
+}
 
 
 def object_info(node_class_mappings: dict, class_types) -> dict:
@@ -81,6 +105,59 @@ def socket_inputs(info: dict) -> list[tuple[str, str, bool]]:
     return out
 
 
+# The graph canvas of a 1920x1080 browser window (frontend 1.27: less the side tool bar and the top menu), and the
+# zoom range a shipped workflow may open at: below 0.6 LiteGraph draws nodes in low quality, without widget text.
+VIEW = (1840, 960)
+MIN_ZOOM, MAX_ZOOM = 0.6, 1.0
+# The bottom-right of that canvas is covered by the frontend's minimap and canvas menu (from x, y onwards), and the
+# pack badge (the node's source) sits BADGE_H above a title bar: keep nodes clear of both.
+COVERED = (1530, 730)
+BADGE_H = 20
+
+
+def view_for(extent) -> dict:
+    """extra.ds (the view a workflow opens at) that shows a graph spanning [0, w] x [0, h] whole."""
+    scale = min(MAX_ZOOM, VIEW[0] / extent[0], VIEW[1] / extent[1])
+    if scale < MIN_ZOOM:
+        raise ValueError(
+            f"a graph of {extent[0]}x{extent[1]} does not fit {VIEW} at zoom {MIN_ZOOM}: lay it out smaller"
+        )
+    return {"scale": int(scale * 100) / 100, "offset": [0, 0]}
+
+
+def view_problems(ui: dict) -> list[str]:
+    """What a user would not see when the frontend opens `ui` at its saved view in a 1920x1080 window: nodes
+    outside the canvas or under the minimap, nodes (with title bar and badge) overlapping, a Note not top-left."""
+    scale, (ox, oy) = ui["extra"]["ds"]["scale"], ui["extra"]["ds"]["offset"]
+    errs = [] if MIN_ZOOM <= scale <= MAX_ZOOM else [f"zoom {scale} outside [{MIN_ZOOM}, {MAX_ZOOM}]"]
+    rects = {}
+    for n in ui["nodes"]:
+        (x, y), (w, h) = n["pos"], n["size"]
+        x0, y0 = (x + ox) * scale, (y - TITLE_H + oy) * scale
+        rects[n["id"]] = (n, (x0, y0, x0 + w * scale, y0 + (h + TITLE_H) * scale))
+    for nid, (n, (x0, y0, x1, y1)) in rects.items():
+        label = f"node {nid} ({n.get('title') or n['type']})"
+        if x0 < 0 or y0 < 0 or x1 > VIEW[0] or y1 > VIEW[1]:
+            errs.append(f"{label} is outside the {VIEW[0]}x{VIEW[1]} view")
+        if x1 > COVERED[0] and y1 > COVERED[1]:
+            errs.append(f"{label} reaches under the minimap")
+        for mid, (m, (a0, b0, a1, b1)) in rects.items():
+            if mid > nid and x0 < a1 and a0 < x1 and y0 - BADGE_H * scale < b1 and b0 - BADGE_H * scale < y1:
+                errs.append(f"{label} overlaps node {mid} ({m.get('title') or m['type']})")
+    notes = [r for n, r in rects.values() if n["type"] in ("Note", "MarkdownNote")]
+    if not notes or any(r[0] < notes[0][0] or r[1] < notes[0][1] for _, r in rects.values()):
+        errs.append("the Note is not the top-left node")
+    return errs
+
+
+def node_size(class_type: str, info: dict) -> list[int]:
+    """[width, height] of a node's body as the frontend draws it (the title bar sits above, TITLE_H high)."""
+    widgets, rows = len(widget_layout(info)), max(len(socket_inputs(info)), len(info["output"]), 1)
+    height = SLOT_H * rows + (WIDGET_H * widgets + 8 if widgets else 0) + 6
+    min_w, min_h = MIN_SIZES.get(class_type, (NODE_W, 0))
+    return [max(NODE_W, min_w), max(height, min_h)]
+
+
 def real_nodes(ui: dict) -> list[dict]:
     """Nodes that execute: not frontend-only, not muted (2) or bypassed (4)."""
     return [n for n in ui["nodes"] if n["type"] not in VIRTUAL_TYPES and n.get("mode", 0) == 0]
@@ -115,7 +192,7 @@ def link_problems(ui: dict) -> list[str]:
             errs.append(f"link {lid}: type {typ} but output {sslot} of node {src} is {outs[sslot]['type']}")
         if dslot >= len(ins) or ins[dslot].get("link") != lid:
             errs.append(f"link {lid}: not the link of input {dslot} of node {dst}")
-        elif ins[dslot]["type"] != typ:
+        elif ins[dslot]["type"] not in (typ, ANY_TYPE):
             errs.append(f"link {lid}: type {typ} but input {dslot} of node {dst} is {ins[dslot]['type']}")
     for n in ui["nodes"]:
         for i, inp in enumerate(n.get("inputs", [])):
@@ -149,6 +226,7 @@ def ui_to_api(ui: dict, schema: dict) -> dict:
             if inp.get("link") is not None:
                 _, src, sslot, *_ = links[inp["link"]]
                 inputs[inp["name"]] = [str(src), sslot]
+        inputs.update(FRONTEND_WIDGETS.get(n["type"], {}))
         entry = {"inputs": inputs, "class_type": n["type"]}
         entry["_meta"] = {"title": n.get("title") or n["type"]}
         prompt[str(n["id"])] = entry
@@ -183,8 +261,9 @@ def compare(ui: dict, api: dict, schema: dict) -> list[str]:
 def api_to_ui(api: dict, schema: dict, extra_nodes=(), layout: dict | None = None, properties=None) -> dict:
     """Build a UI graph from an API prompt (used to author the shipped pairs).
 
-    extra_nodes: frontend-only nodes (e.g. Note) given as complete UI node dicts. layout: {node_id: (x, y)}.
-    properties: {node_id: extra properties}. Seeds get control value 'fixed' unless api[...]['_control'] says so.
+    extra_nodes: frontend-only nodes (e.g. Note) given as complete UI node dicts. layout: {node_id: (x, y)}; sizes
+    come from node_size. properties: {node_id: extra properties}. Seeds get control value 'fixed' unless
+    api[...]['_control'] says so.
     """
     layout = layout or {}
     properties = properties or {}
@@ -229,7 +308,7 @@ def api_to_ui(api: dict, schema: dict, extra_nodes=(), layout: dict | None = Non
             "id": int(nid),
             "type": entry["class_type"],
             "pos": list(layout.get(nid, (100 + 350 * order, 100))),
-            "size": [315, 60 + 26 * len(values) + 22 * max(len(inputs), len(outputs))],
+            "size": node_size(entry["class_type"], info),
             "flags": {},
             "order": order,
             "mode": 0,
@@ -277,21 +356,24 @@ def api_link_problems(api: dict) -> list[str]:
     return errs
 
 
-def main(argv: list[str]) -> int:
-    if argv[1:] != ["check"]:
-        print(__doc__)
-        return 2
+def main() -> None:
+    parser = ArgumentParser(
+        description="Check the structure, links and layout of every file in workflows/ (no ComfyUI)."
+    )
+    parser.add_argument("command", choices=["check"])
+    parser.parse_args()
     found, problems = pairs()
     for ui_path, api_path in found:
         ui, api = json.loads(ui_path.read_text()), json.loads(api_path.read_text())
-        problems += [f"{ui_path.name}: {e}" for e in link_problems(ui)]
+        problems += [f"{ui_path.name}: {e}" for e in link_problems(ui) + view_problems(ui)]
         problems += [f"api/{api_path.name}: {e}" for e in api_link_problems(api)]
         ui_ids = {str(n["id"]) for n in real_nodes(ui)}
         if ui_ids != set(api):
             problems.append(f"{ui_path.name}: node ids differ from the API twin: {sorted(ui_ids ^ set(api))}")
     print("\n".join(problems) or f"{len(found)} workflow pairs OK")
-    return 1 if problems else 0
+    if problems:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    run(main)
