@@ -233,3 +233,11 @@ def test_make_shards_packs_a_folder_that_reads_back_the_same(tmp_path):
     assert captions(pattern) == captions(str(folder))
     with pytest.raises(FileExistsError, match="already holds"):
         main(["--data", str(folder), "--out", str(tmp_path / "s")])
+
+
+def test_small_data_is_read_without_workers():
+    from training.dataset import fit_workers
+
+    cfg = StreamConfig(data="x", batch_size=2, resolution=64, workers=2)
+    assert fit_workers(cfg, 3).workers == 0  # two slots could not both form a batch of 2 from 3 samples
+    assert fit_workers(cfg, 40) == cfg

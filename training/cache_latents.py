@@ -35,6 +35,7 @@ from training.dataset import (
     Unit,
     estimate_samples,
     fingerprint,
+    fit_workers,
     gather,
     scan_units,
 )  # fmt: skip
@@ -240,13 +241,15 @@ class EncodedStream:
         self.encoder, self.cached = encoder, cache_root is not None
         if self.cached:
             folder = build_cache(encoder, cfg, cache_root)
-            self.stream = DataStream(replace(cfg, data=str(folder), latents=True), cache_units(folder))
+            units = cache_units(folder)
+            self.samples = json.loads((folder / "manifest.json").read_text())["samples"]
+            self.stream = DataStream(fit_workers(replace(cfg, data=str(folder), latents=True), self.samples), units)
             skipped = json.loads((folder / "skipped.json").read_text())["samples"]  # skipped while building
             self.stream.report.add([[e["key"], e["kind"], e["detail"]] for e in skipped])
-            self.samples = json.loads((folder / "manifest.json").read_text())["samples"]
         else:
-            self.stream = DataStream(cfg)
-            self.samples = estimate_samples(self.stream.units)  # exact for a folder or manifest
+            units = scan_units(cfg.data)
+            self.samples = estimate_samples(units)  # exact for a folder or manifest
+            self.stream = DataStream(fit_workers(cfg, self.samples), units)
         self.null_context, self.null_pooled = encoder.encode_text([""])
 
     def __iter__(self):

@@ -32,11 +32,12 @@ checked from the header before decoding). SkipReport collects them; the trainer 
 
 import io
 import json
+import logging
 import os
 import random
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -468,6 +469,20 @@ def estimate_samples(units: list[Unit]) -> int:
     with tarfile.open(units[0].path) as tar:
         keys = {m.name.split("/")[-1].split(".")[0] for m in tar.getmembers() if m.isfile()}
     return len(units) * len(keys)
+
+
+def fit_workers(cfg: StreamConfig, samples: int) -> StreamConfig:
+    """cfg without DataLoader workers when the data is too small to give each worker slot two batches per
+    epoch (a slot that forms no batch would stop the run); logged. Deterministic, so a resume makes the same call."""
+    slots = cfg.world * max(cfg.workers, 1)
+    if cfg.workers and samples < slots * cfg.batch_size * 2:
+        logging.getLogger("perflow.train").warning(
+            "%d samples are too few for %d data workers per process: reading them in the training process",
+            samples,
+            cfg.workers,
+        )
+        return replace(cfg, workers=0)
+    return cfg
 
 
 def stream_config(args, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0) -> StreamConfig:
