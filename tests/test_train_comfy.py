@@ -59,7 +59,8 @@ def run(checkpoint, images, out, *extra):
         "--threads",
         "2",
     ]
-    return train([*argv, "--cache-latents", "--ema-decay", "0", "--lr", "1e-3", *extra])
+    argv += ["--cache-latents", str(out.parent / "cache")]  # built by the run (3 images; broken.png skipped)
+    return train([*argv, "--ema-decay", "0", "--lr", "1e-3", *extra])
 
 
 def apply_with_delta_loader(checkpoint, path, family, **settings):
@@ -83,7 +84,9 @@ def test_full_training_with_samples_sd15(comfy, images, tmp_path):
     out = tmp_path / "run"
     summary = run(comfy("sd15"), images, out, "--gradient-checkpointing", "--sample-teacher-steps", "8")
     assert summary["step"] == 2
-    assert "3 images, 1 skipped as unreadable (sd15)" in (out / "train.log").read_text()
+    assert "about 3 samples (sd15)" in (out / "train.log").read_text()
+    skipped = json.loads((out / "skipped.json").read_text())["samples"]
+    assert [(e["key"].endswith("broken.png"), e["kind"]) for e in skipped] == [(True, "unreadable image")]
     with Image.open(out / "comparison.png") as grid:  # 3 rows (DDIM-8, DDIM-4, PeRFlow-4) x 3 captions, 2 px pads
         assert grid.size == (3 * (64 + 2) + 2, 3 * (64 + 2) + 2) and grid.mode == "RGB"
         grid.load()

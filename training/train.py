@@ -39,6 +39,7 @@ from training.checkpointing import (
     set_rng_states,
 )
 from training.cli import ArgumentParser, UserError, describe, run
+from training.dataset import add_data_arguments
 from training.engine import ReflowEngine, enable_gradient_checkpointing
 from training.export import delta_of, training_metadata, write_delta, write_lora
 from training.preview import sample_grid
@@ -56,11 +57,12 @@ def build_parser() -> ArgumentParser:
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt (same settings)")
     a("--overwrite", action="store_true", help="replace the run in --out")
     a("--teacher", type=Path, default=TOY_TEACHER, help="toy: teacher .safetensors")
-    a("--data", type=Path, default=None, help="toy: .npz (uint8 images, int labels); comfy: image folder or .jsonl")
+    a("--data", type=Path, default=None, help="toy: .npz; comfy: image folder, .jsonl or shards 's/{00000..00099}.tar'")
     a("--comfyui", type=Path, default=None, help="comfy: ComfyUI folder (else $COMFYUI_PATH)")
     a("--checkpoint", type=Path, default=None, help="comfy: base model checkpoint (.safetensors)")
     a("--resolution", type=int, default=512, help="comfy: training resolution (pixels)")
-    a("--cache-latents", action="store_true", help="comfy: encode every image and caption once, up front")
+    a("--cache-latents", type=Path, default=None, metavar="DIR", help="comfy: latent cache (training.cache_latents)")
+    add_data_arguments(p)  # comfy: --buckets, --caption-key, --data-workers, --shuffle-buffer, --max-pixels, ...
     a("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: train the whole UNet)")
     a("--lora-alpha", type=float, default=None, help="LoRA alpha (scale alpha/rank; default: the rank)")
     a("--export-delta", action="store_true", help="with --lora-rank: also write the merged delta")
@@ -261,13 +263,19 @@ def run_training(args, rcfg: reflow.ReflowConfig, accelerator: Accelerator) -> d
         engine.load_state_dict(ck["engine"])
         set_rng_states(ck["rng"])
         step = ck["step"]
+        if ck.get("data") is not None:  # a streaming backend's data position
+            backend.load_data_state(ck["data"])
         log.info("resumed from %s at step %d", ckpt_path, step)
 
     def save_checkpoint() -> None:
         state = engine.state_dict()
         check_finite(state["student"], "the student")  # a checkpoint kept as "last good" is finite
+        data = backend.data_state() if hasattr(backend, "data_state") else None  # every process takes part
+        if hasattr(backend, "write_skip_report"):
+            backend.write_skip_report(args.out / "skipped.json")
         if main:
-            atomic_torch_save({"step": step, "engine": state, "rng": rng_states(), "settings": settings}, ckpt_path)
+            ck = {"step": step, "engine": state, "rng": rng_states(), "settings": settings, "data": data}
+            atomic_torch_save(ck, ckpt_path)
         accelerator.wait_for_everyone()
 
     def write_samples(name: str) -> dict:

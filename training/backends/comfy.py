@@ -1,8 +1,8 @@
 """Comfy backend: an SD1.5 / SD2.1 / SDXL checkpoint loaded by ComfyUI's own loader is the teacher; its UNet is
 trained. Images are VAE-encoded, captions encoded by its text encoders (SDXL: pooled output + size conditioning).
 
-Data: a folder of images with same-name .txt captions, or a JSONL manifest of {"image": path, "caption": text}
-(relative paths resolve against the manifest's folder). Unreadable images are skipped and counted.
+Data: training.dataset (image folder, JSONL manifest or WebDataset shards; buckets; bad samples skipped into
+<out>/skipped.json), encoded live or read from a --cache-latents DIR (training.cache_latents).
 """
 
 import argparse
@@ -11,18 +11,22 @@ import json
 import logging
 import os
 import sys
+from dataclasses import replace
+from itertools import islice
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from perflow_core.delta_format import state_dict_hash
 from perflow_core.windows import NUM_TRAIN_TIMESTEPS
 from training.backends.base import TeacherStudent
+from training.cache_latents import ComfyEncoder, EncodedStream
 from training.cli import UserError
+from training.dataset import DataStream, SkipReport, fingerprint, gather, stream_config
 from training.lora import COMFY_UNET_TARGETS
 
 log = logging.getLogger("perflow.train")
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 ARCHITECTURES = {"SD15": "sd15", "SD20": "sd21", "SD21UnclipL": "sd21", "SD21UnclipH": "sd21", "SDXL": "sdxl"}
 
 
@@ -38,39 +42,6 @@ def import_comfy(path: Path | None, device: torch.device) -> None:
 
     comfy.cli_args.args.cpu = device.type == "cpu"
     import comfy.sd  # noqa: F401
-
-
-def scan_items(data: Path) -> list[tuple[Path, str]]:
-    """(image path, caption) from a folder (caption = same-name .txt, else "") or a .jsonl manifest."""
-    if data.suffix == ".jsonl":
-        items = []
-        for n, line in enumerate(data.read_text().splitlines(), 1):
-            if line.strip():
-                rec = json.loads(line)
-                if "image" not in rec:
-                    raise ValueError(f"{data}:{n}: a manifest line needs an 'image' entry")
-                items.append((data.parent / rec["image"], str(rec.get("caption", rec.get("text", "")))))
-        return items
-    if not data.is_dir():
-        raise FileNotFoundError(f"--data must be an image folder or a .jsonl manifest; got {data}")
-    images = sorted(p for p in data.iterdir() if p.suffix.lower() in IMAGE_EXTS)
-    return [(p, p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").is_file() else "") for p in images]
-
-
-def load_image(path: Path, resolution: int) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
-    """RGB [H, W, 3] in [0, 1] resized (shorter side) and center-cropped; also (orig h, w) and (crop top, left)."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        s = resolution / min(w, h)
-        nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
-        im = im.resize((nw, nh), Image.BICUBIC)
-        top, left = (nh - resolution) // 2, (nw - resolution) // 2
-        im = im.crop((left, top, left + resolution, top + resolution))
-        pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(resolution, resolution, 3)
-    return pixels.float() / 255.0, (h, w), (top, left)
 
 
 class ComfyBackend:
@@ -111,54 +82,58 @@ class ComfyBackend:
         self.teacher, self.student = self.nets.teacher, self.nets.student
         self.student_dtype = self.teacher_dtype if self.nets.lora else torch.float32
         self.delta_dtype = torch.float16
-        self.items, self.skipped = [], 0
-        for path, caption in scan_items(args.data):
-            try:
-                self.items.append((path, caption, *load_image(path, args.resolution)[1:]))
-            except Exception as e:  # noqa: BLE001 - any unreadable image is skipped, never fatal
-                self.skipped += 1
-                log.warning("skipping unreadable image %s (%s)", path, e.__class__.__name__)
-        log.info("%d images, %d skipped as unreadable (%s)", len(self.items), self.skipped, self.architecture)
-        self.null = self._encode_text("", (args.resolution, args.resolution), (0, 0))
-        self.cache = [self._encode_item(i) for i in range(len(self.items))] if args.cache_latents else None
+        self.encoder = ComfyEncoder(self.base, self.clip, self.vae, args.checkpoint, self.architecture)
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        if args.buckets not in (None, "none") and args.grad_accum > 1:
+            raise ValueError("--buckets with --grad-accum > 1 is not supported yet: the noise is drawn per step")
+        cfg = stream_config(args, batch_size=args.batch_size // world, rank=rank, world=world, seed=args.seed)
+        self.data = EncodedStream(self.encoder, cfg, args.cache_latents)
+        self._batches, self._next = None, None  # the stream, started on first use (after a resume state is loaded)
+        self._taken = self.data.stream.state_dict()  # data position after the last batch handed to the loop
+        log.info("data %s: about %d samples (%s)", args.data, self.data.samples, self.architecture)
         self._preview: tuple[dict, dict] | None = None  # sample-grid conditioning, encoded on first use
 
     def __len__(self) -> int:
-        return len(self.items)
+        return self.data.samples
+
+    def _peek(self):
+        if self._batches is None:
+            self._batches = iter(self.data)
+        if self._next is None:
+            self._next = next(self._batches)
+        return self._next
 
     def latent_shape(self) -> tuple[int, ...]:
-        return (4, self.resolution // 8, self.resolution // 8)
-
-    @torch.no_grad()
-    def _encode_text(self, caption: str, orig: tuple[int, int], crop: tuple[int, int]) -> dict:
-        """{context [1, 77, D]} (first 77-token chunk), plus SDXL's y = pooled text + size/crop embedding."""
-        tokens = {k: v[:1] for k, v in self.clip.tokenize(caption).items()}
-        context, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
-        cond = {"context": context.float().cpu()}
-        if self.architecture == "sdxl":
-            res = self.resolution
-            y = self.base.encode_adm(
-                pooled_output=pooled, width=orig[1], height=orig[0], crop_w=crop[1], crop_h=crop[0],
-                target_width=res, target_height=res,
-            )  # fmt: skip
-            cond["y"] = y.float().cpu()
-        return cond
-
-    @torch.no_grad()
-    def _encode_item(self, i: int) -> tuple[torch.Tensor, dict]:
-        """(scaled latent [1, 4, h, w], conditioning) of item i."""
-        path, caption, orig, crop = self.items[i]
-        pixels = load_image(path, self.resolution)[0][None]
-        latent = self.base.latent_format.process_in(self.vae.encode(pixels)).float().cpu()
-        return latent, self._encode_text(caption, orig, crop)
+        """[4, h, w] of the next training batch (its bucket)."""
+        return tuple(self._peek()[0].shape[1:])
 
     def batch(self, idx: torch.Tensor):
-        """(clean latents, conditioning, null conditioning) on the training device."""
-        rows = [self.cache[i] if self.cache is not None else self._encode_item(i) for i in idx.tolist()]
-        latents = torch.cat([r[0] for r in rows]).to(self.device)
-        cond = {k: torch.cat([r[1][k] for r in rows]).to(self.device) for k in rows[0][1]}
-        null = {k: v.expand(len(rows), *v.shape[1:]).to(self.device) for k, v in self.null.items()}
-        return latents, cond, null
+        """(clean latents, conditioning, null conditioning) on the training device: the stream's next batch (its
+        order, split and shuffling are training.dataset's; idx only gives the size)."""
+        latents, cond, null = self._peek()
+        if len(latents) != len(idx):
+            raise ValueError(f"the data stream gives batches of {len(latents)}, the loop asked for {len(idx)}")
+        self._next, self._taken = None, self.data.stream.state_dict()
+        to = lambda d: {k: v.to(self.device) for k, v in d.items()}  # noqa: E731
+        return latents.to(self.device), to(cond), to(null)
+
+    def data_state(self) -> list[dict]:
+        """Every process's data position (the checkpoint keeps it; all processes must call this)."""
+        return gather(self._taken)
+
+    def load_data_state(self, states: list[dict]) -> None:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        self.data.stream.load_state_dict(states[rank])
+        self._batches, self._next, self._taken = None, None, self.data.stream.state_dict()
+
+    def write_skip_report(self, path: Path) -> SkipReport:
+        """The samples skipped so far by every process, as a JSON file (all processes call; process 0 writes)."""
+        report = SkipReport()
+        for part in gather(self.data.stream.report.entries):
+            report.add(part)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            report.write(path)
+        return report
 
     def teacher_eps(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         """The teacher UNet at DDPM index round(t*1000) - 1 (published PFODESolver); v-prediction turned into eps."""
@@ -187,19 +162,27 @@ class ComfyBackend:
         return self.nets.base_state_dict()
 
     def fingerprint(self) -> dict[str, str]:
-        items = [[p.name, c, list(o), list(cr), p.stat().st_size] for p, c, o, cr in self.items]
+        data = {**self.data.stream.cfg.resume_fields(), "units": fingerprint(self.data.stream.units)}
         return {
             "teacher_hash": state_dict_hash({k: v.cpu() for k, v in self.base_state_dict().items()}),
-            "data_hash": hashlib.sha256(json.dumps([self.resolution, items]).encode()).hexdigest(),
+            "data_hash": hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest(),
         }
 
     def preview_conds(self, captions: int = 4) -> tuple[dict, dict]:
-        """(conditioning, null conditioning) of the first `captions` dataset captions, batched on the device."""
+        """(conditioning, null conditioning) of the data's first `captions` captions (in file order), for the
+        size of the next training batch, batched on the device."""
         if self._preview is None:
-            rows = [self._encode_text(c, orig, crop) for _, c, orig, crop in self.items[:captions]]
-            cond = {k: torch.cat([r[k] for r in rows]).to(self.device) for k in rows[0]}
-            null = {k: v.expand(len(rows), *v.shape[1:]).to(self.device) for k, v in self.null.items()}
-            self._preview = (cond, null)
+            cfg = replace(self.data.stream.cfg, shuffle=False, epochs=1, workers=0, batch_size=1, rank=0, world=1)
+            first = islice(DataStream(cfg, self.data.stream.units), captions)
+            texts = [b["caption"][0] for b in first]
+            n, hw = len(texts), self.latent_shape()[1:]
+            size, crop = [(hw[0] * 8, hw[1] * 8)] * n, [(0, 0)] * n
+            cond = self.encoder.text_cond(*self.encoder.encode_text(texts), size, crop, size[0])
+            null = self.data.null_cond(n, size, crop, hw)
+            self._preview = (
+                {k: v.to(self.device) for k, v in cond.items()},
+                {k: v.to(self.device) for k, v in null.items()},
+            )
         return self._preview
 
     @torch.no_grad()
