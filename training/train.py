@@ -37,6 +37,14 @@ TOY_TEACHER = Path(__file__).resolve().parent / "teacher" / "toy_teacher.safeten
 log = logging.getLogger("perflow.train")
 
 
+def step_counts(text: str) -> tuple[int, ...]:
+    """'4,5,6' -> (4, 5, 6), for --sampler-point-steps."""
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated step counts like 4,5,6,7,8; got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """All options; defaults suit the toy demo (a few minutes on CPU)."""
     p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
@@ -57,6 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cfg-scale", type=float, default=4.5, help="teacher guidance for --cfg-mode fixed")
     a("--cond-dropout", type=float, default=0.1, help="probability of training on the null conditioning")
     a("--reweighting", choices=reflow.REWEIGHTINGS, default="none")
+    a(
+        "--sampler-point-share",
+        type=float,
+        default=reflow.ReflowConfig.sampler_point_share,
+        help="share of timepoints drawn from the sampler's own evaluation points (window starts first), the rest "
+        "on the --timestep-grid; 0 is the published sampling",
+    )
+    a(
+        "--sampler-point-steps",
+        type=step_counts,
+        default=reflow.ReflowConfig.sampler_point_steps,
+        help="step counts whose sampler points --sampler-point-share draws from, e.g. 4,5,6,7,8",
+    )
     a("--steps", type=int, default=1000, help="optimiser steps in total")
     a("--batch-size", type=int, default=64, help="global batch (split over processes)")
     a("--lr", type=float, default=2e-4)
@@ -117,6 +138,8 @@ def validate_args(args: argparse.Namespace) -> reflow.ReflowConfig:
         cfg_scale=args.cfg_scale,
         cond_dropout=args.cond_dropout,
         reweighting=args.reweighting,
+        sampler_point_share=args.sampler_point_share,
+        sampler_point_steps=args.sampler_point_steps,
     )
     cfg.validate()
     return cfg
