@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from perflow_core.schedule import perflow_timesteps
 from training.reflow import ReflowConfig, draw_reflow_noise, sample_timepoints, sampler_points
-from training.train import build_parser, validate_args
+from training.train import build_parser, lr_lambda, validate_args
 
 
 @settings(max_examples=40, deadline=None)
@@ -88,3 +88,14 @@ def test_cli_options_reach_the_config(capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["--sampler-point-steps", "4,x"])
     assert e.value.code == 2 and "comma-separated step counts" in capsys.readouterr().err
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero_and_constant_stays():
+    cos, const = lr_lambda(10, "cosine", 110), lr_lambda(10, "constant", 110)
+    assert cos(0) == pytest.approx(0.1, abs=1e-3) and 0.95 < cos(9) < 1.0
+    assert cos(55) == pytest.approx(0.5) and cos(110) == pytest.approx(0.0, abs=1e-12) and cos(500) == cos(110)
+    values = [cos(s) for s in range(9, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+    assert [const(s) for s in (0, 9, 60, 110)] == pytest.approx([0.1, 1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="one of constant, cosine"):
+        lr_lambda(10, "linear", 110)

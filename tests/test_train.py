@@ -71,9 +71,13 @@ def test_delta_file_is_student_minus_teacher(toy, tmp_path):
     assert meta["base_hash"] == state_dict_hash(teacher)
 
 
-def test_resume_matches_uninterrupted_run(toy, tmp_path):
+RECIPES = [(), ("--sampler-point-share", "0.75", "--lr-schedule", "cosine")]  # published; issue 13's
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_resume_matches_uninterrupted_run(toy, tmp_path, recipe):
     a, b = tmp_path / "a", tmp_path / "b"
-    common = ("--steps", "6", "--cond-dropout", "0.3")
+    common = ("--steps", "6", "--cond-dropout", "0.3", *recipe)
     train(args(toy, a, *common))
     summary = train(args(toy, b, *common, "--stop-at-step", "3"))
     assert summary["interrupted"] and load_checkpoint(b / "checkpoint.pt")["step"] == 3
@@ -89,9 +93,17 @@ def test_resume_matches_uninterrupted_run(toy, tmp_path):
         torch.testing.assert_close(da[k], db[k], atol=1e-6, rtol=1e-6)
 
 
-def test_two_process_gloo_matches_one_process(toy, tmp_path):
+def test_resume_refuses_a_moved_cosine_end(toy, tmp_path):
+    out = tmp_path / "run"
+    train(args(toy, out, "--steps", "4", "--stop-at-step", "1", "--lr-schedule", "cosine"))
+    with pytest.raises(ValueError, match="resume with the checkpoint's --lr-schedule cosine --steps 4"):
+        train(args(toy, out, "--steps", "8", "--lr-schedule", "cosine", "--resume"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_two_process_gloo_matches_one_process(toy, tmp_path, recipe):
     one, two = tmp_path / "one", tmp_path / "two"
-    common = ("--steps", "3", "--cond-dropout", "0.3")
+    common = ("--steps", "3", "--cond-dropout", "0.3", *recipe)
     train(args(toy, one, *common))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

@@ -35,6 +35,7 @@ from training.solvers import EpsFn
 
 TOY_TEACHER = Path(__file__).resolve().parent / "teacher" / "toy_teacher.safetensors"
 log = logging.getLogger("perflow.train")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def step_counts(text: str) -> tuple[int, ...]:
@@ -83,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lr", type=float, default=2e-4)
     a("--weight-decay", type=float, default=1e-2)
     a("--warmup", type=int, default=50, help="linear warmup steps")
+    a(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default="constant",
+        help="after warmup: constant (published) or cosine decay to 0 at --steps",
+    )
     a("--max-grad-norm", type=float, default=1.0)
     a("--ema-decay", type=float, default=0.99, help="0 disables EMA; the delta uses EMA weights when enabled")
     a("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
@@ -145,17 +152,27 @@ def validate_args(args: argparse.Namespace) -> reflow.ReflowConfig:
     return cfg
 
 
-def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
-    """Linear warmup to the base learning rate over warmup_steps, then constant (published default: constant)."""
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+def lr_lambda(warmup_steps: int, schedule: str = "constant", total_steps: int = 0) -> Callable[[int], float]:
+    """Linear warmup to the base learning rate over warmup_steps, then constant (published) or, for `cosine`, a
+    half-cosine decay to 0 at total_steps (issue 13: better paired error at every step count on the toy)."""
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        if schedule == "constant":
+            return warm
+        return warm * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr schedule must be one of {', '.join(LR_SCHEDULES)}; got {schedule!r}")
+    return factor
 
 
 def make_optimizer(
-    params, lr: float, weight_decay: float, warmup_steps: int
+    params, lr: float, weight_decay: float, warmup_steps: int, schedule: str = "constant", total_steps: int = 0
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW (betas 0.9/0.999, eps 1e-8 as published) with a warmup schedule."""
+    """AdamW (betas 0.9/0.999, eps 1e-8 as published) with a warmup, then constant or cosine schedule."""
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(warmup_steps))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup_steps, schedule, total_steps))
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
@@ -282,7 +299,9 @@ def train(argv: list[str] | None = None) -> dict:
         n = enable_gradient_checkpointing(student, backend.checkpoint_blocks)
         log.info("gradient checkpointing on %d blocks", n)
     named = {k: p for k, p in student.named_parameters() if p.requires_grad}
-    opt, sched = make_optimizer(list(named.values()), args.lr, args.weight_decay, args.warmup)
+    opt, sched = make_optimizer(
+        list(named.values()), args.lr, args.weight_decay, args.warmup, args.lr_schedule, args.steps
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     ema = EMA(named, args.ema_decay) if args.ema_decay > 0 else None
     ckpt_path, step = args.out / "checkpoint.pt", 0
@@ -293,6 +312,12 @@ def train(argv: list[str] | None = None) -> dict:
         ck = load_checkpoint(ckpt_path)
         if ck["reflow"] != rcfg.as_dict():
             raise ValueError(f"--resume: reflow settings differ from the checkpoint's: {ck['reflow']}")
+        was = (ck["config"].get("lr_schedule", "constant"), ck["config"]["steps"])
+        if was != (args.lr_schedule, args.steps) and "cosine" in (was[0], args.lr_schedule):
+            raise ValueError(
+                f"--resume: the cosine learning-rate schedule ends at --steps; resume with the checkpoint's "
+                f"--lr-schedule {was[0]} --steps {was[1]}"
+            )
         student.load_state_dict(ck["student"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
