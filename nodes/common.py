@@ -3,13 +3,15 @@
 The nodes use ComfyUI's V3 schema from `comfy_api.latest`, not a pinned `comfy_api.v0_0_X`: in ComfyUI 0.3.64 the
 pinned `v0_0_2` only re-exports `latest.io` (so a pin buys no stability there), core's own nodes import `latest`,
 and every V3 piece used here (ComfyNode, Schema, the Model/Int/Float/Combo/String/Sampler/Sigmas sockets,
-NodeOutput, ComfyExtension) has kept its signature since V3 first shipped in 0.3.48.
+NodeOutput, ComfyExtension, the comfy_entrypoint loader) is in `latest` as released in 0.3.52 (the oldest ComfyUI
+this pack accepts) and in 0.3.64.
 """
 
 import dataclasses
 import logging
 
 from ..perflow_core.model_sampling import PeRFlowModelSampling
+from ..perflow_core.sampling_guard import check_perflow_sampling
 
 log = logging.getLogger("perflow")
 
@@ -27,9 +29,11 @@ ADD_SAMPLING_HINT = "add a 'PeRFlow Model Sampling' or 'PeRFlow Delta Loader' no
 
 def comfyui_too_old() -> str | None:
     """Why the running ComfyUI cannot host this pack (a one-line message naming the fix), or None when it can."""
-    import comfy.patcher_extension
-
-    if hasattr(comfy.patcher_extension.WrappersMP, "PREDICT_NOISE"):
+    try:
+        from comfy.patcher_extension import WrappersMP
+    except ImportError:  # a ComfyUI from before December 2024
+        WrappersMP = None
+    if hasattr(WrappersMP, "PREDICT_NOISE"):
         return None
     try:
         from comfyui_version import __version__ as found
@@ -55,10 +59,7 @@ def schema(**fields):
 
 def perflow_model_sampling(model) -> PeRFlowModelSampling:
     """The model's PeRFlow sampling object, or a clear error naming the node to add."""
-    ms = model.get_model_object("model_sampling")
-    if not isinstance(ms, PeRFlowModelSampling):
-        raise ValueError(f"This model is not set up for PeRFlow ({type(ms).__name__}); {ADD_SAMPLING_HINT}.")
-    return ms
+    return check_perflow_sampling(model.get_model_object("model_sampling"), ADD_SAMPLING_HINT)
 
 
 def with_perflow_sampling(model, parameterization: str, num_windows: int):

@@ -129,6 +129,7 @@ def load_delta(model, path: str, strength: float, parameterization: str, num_win
     )
     if wf.metadata is not None:
         summary += f"; trained on base {wf.metadata.base_hash[:12]}"
+    summary += "".join(f"; {note}" for note in (p_note, w_note) if note)  # a guess or an overridden choice
     if wf.format == "kohya_lora":
         skipped = {k.split(".", 1)[0] for k in read_header(path).tensors if not k.startswith("lora_unet_")}
         if skipped:

@@ -2,17 +2,22 @@
 
 from comfy_api.latest import io
 
-from ..perflow_core.model_sampling import PeRFlowModelSampling
 from ..perflow_core.sampling import sample_perflow
+from ..perflow_core.sampling_guard import check_perflow_sampling
 from ..perflow_core.schedule import perflow_sigmas, stock_scheduler_sigmas
 from .common import ADD_SAMPLING_HINT, SAMPLER_CATEGORY, SCHEDULER_CATEGORY, log, perflow_model_sampling, schema
 
 
 def scheduler_sigmas(model_sampling, steps: int):
     """The stock-scheduler handler: PeRFlow's schedule for a PeRFlow-patched model, a clear error otherwise."""
-    if not isinstance(model_sampling, PeRFlowModelSampling):
-        raise ValueError(f"The 'perflow' scheduler needs a PeRFlow model; {ADD_SAMPLING_HINT}.")
-    return stock_scheduler_sigmas(steps, model_sampling.num_windows)
+    return stock_scheduler_sigmas(steps, check_perflow_sampling(model_sampling, ADD_SAMPLING_HINT).num_windows)
+
+
+def sample_perflow_checked(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """sample_perflow after checking the model sampling in use (model.inner_model.inner_model is the BaseModel):
+    a node after PeRFlow may have replaced it (AnimateDiff-Evolved's beta_schedule)."""
+    check_perflow_sampling(model.inner_model.inner_model.model_sampling, ADD_SAMPLING_HINT)
+    return sample_perflow(model, x, sigmas, extra_args, callback, disable)
 
 
 def register_sampler_and_scheduler() -> None:
@@ -20,7 +25,7 @@ def register_sampler_and_scheduler() -> None:
     import comfy.k_diffusion.sampling as kds
     import comfy.samplers as cs
 
-    kds.sample_perflow = sample_perflow  # ksampler("perflow") looks up sample_perflow here
+    kds.sample_perflow = sample_perflow_checked  # ksampler("perflow") looks up sample_perflow here
     for names in (cs.KSAMPLER_NAMES, cs.SAMPLER_NAMES):
         if "perflow" not in names:
             names.append("perflow")
@@ -75,4 +80,4 @@ class PeRFlowSampler(io.ComfyNode):
     def execute(cls) -> io.NodeOutput:
         import comfy.samplers
 
-        return io.NodeOutput(comfy.samplers.KSAMPLER(sample_perflow))
+        return io.NodeOutput(comfy.samplers.KSAMPLER(sample_perflow_checked))

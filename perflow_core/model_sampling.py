@@ -11,12 +11,12 @@ from .windows import DEFAULT_NUM_WINDOWS, NUM_TRAIN_TIMESTEPS, check_num_windows
 
 def check_sigma(sigma: torch.Tensor) -> None:
     """PeRFlow's sigma is the time t in [0, 1]: NaN, below 0 or above 1 is refused (it has no window)."""
-    s = torch.as_tensor(sigma)
-    if not bool(((s >= 0) & (s <= 1)).all()):  # NaN fails both comparisons
-        bad = s.detach().reshape(-1).cpu().tolist()[:4]
+    s = torch.as_tensor(sigma).detach()
+    lo, hi = (s.item(), s.item()) if s.numel() == 1 else [v.item() for v in torch.aminmax(s.reshape(-1))]
+    if not (0.0 <= lo and hi <= 1.0):  # NaN fails every comparison
         raise ValueError(
-            f"PeRFlow sigma must be a time t in [0, 1] (1 = noise), got {bad}; use the 'perflow' scheduler or the "
-            "PeRFlow Scheduler node, not a schedule made for another model"
+            f"PeRFlow sigma must be a time t in [0, 1] (1 = noise), got {s.reshape(-1)[:4].tolist()}; use the "
+            "'perflow' scheduler or the PeRFlow Scheduler node, not a schedule made for another model"
         )
 
 

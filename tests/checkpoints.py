@@ -56,8 +56,23 @@ DETECTED_UNET = {
         num_classes="sequential",
     ),
 }
-MODEL_CONFIG_CLASS = {"sd15": "SD15", "sd21": "SD20", "sdxl": "SDXL"}
+# Full-size layouts, built only on request (not in FAMILIES): AnimateDiff motion modules need SD1.5's real blocks.
+FULL_SIZE_UNET = {
+    "sd15_full": dict(
+        _COMMON,
+        num_res_blocks=[2, 2, 2, 2],
+        channel_mult=[1, 2, 4, 4],
+        transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+        transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+        transformer_depth_middle=1,
+        adm_in_channels=None,
+        context_dim=768,
+        use_linear_in_transformer=False,
+    ),
+}
+MODEL_CONFIG_CLASS = {"sd15": "SD15", "sd21": "SD20", "sdxl": "SDXL", "sd15_full": "SD15"}
 FAMILIES = tuple(DETECTED_UNET)
+_UNETS = DETECTED_UNET | FULL_SIZE_UNET
 _VAE_DDCONFIG = {
     "double_z": True,
     "z_channels": 4,
@@ -76,7 +91,7 @@ def model_config(family: str):
     """ComfyUI's supported_models config object for a family, built from the small UNet config."""
     import comfy.supported_models
 
-    return getattr(comfy.supported_models, MODEL_CONFIG_CLASS[family])(copy.deepcopy(DETECTED_UNET[family]))
+    return getattr(comfy.supported_models, MODEL_CONFIG_CLASS[family])(copy.deepcopy(_UNETS[family]))
 
 
 def unet_config(family: str) -> dict:
@@ -126,7 +141,7 @@ def checkpoint_path(family: str, seed: int = 0, dtype: str = "float16") -> Path:
     """Path of the cached checkpoint file, building it on first use."""
     from safetensors.torch import save_file
 
-    key = json.dumps([BUILD_VERSION, family, DETECTED_UNET[family], seed, dtype], sort_keys=True)
+    key = json.dumps([BUILD_VERSION, family, _UNETS[family], seed, dtype], sort_keys=True)
     path = CACHE_DIR / f"tiny-{family}-{dtype}-s{seed}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.safetensors"
     if path.exists():
         return path

@@ -18,6 +18,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PACK_NAME = "ComfyUI-PeRFlow"
 SKIP_REASON = "needs a real ComfyUI: set COMFYUI_PATH to a ComfyUI checkout (e.g. COMFYUI_PATH=/work/comfyui)"
 _STATE: dict = {}
+ANIMATEDIFF_PACK = "ComfyUI-AnimateDiff-Evolved"
+ANIMATEDIFF_SKIP_REASON = (
+    "needs AnimateDiff-Evolved: set ANIMATEDIFF_PATH to a ComfyUI-AnimateDiff-Evolved checkout "
+    "(e.g. ANIMATEDIFF_PATH=/work/animatediff)"
+)
 
 
 def require_comfyui() -> Path:
@@ -56,6 +61,10 @@ def setup_comfyui() -> Path:
     folder_paths.set_input_directory(str(base / "input"))
     folder_paths.set_temp_directory(str(base / "temp"))
     folder_paths.set_user_directory(str(base / "user"))
+    # As main.py does: import ComfyUI's utils/ package before nodes.py puts comfy/ (with its utils.py) first on
+    # sys.path; otherwise nodes_images.py (SaveAnimatedWEBP, ...) fails to import with "'utils' is not a package".
+    import utils.install_util  # noqa: F401
+
     import nodes
 
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
@@ -68,8 +77,9 @@ def model_dir(kind: str) -> Path:
     """The (temporary) folder ComfyUI lists for a model kind such as 'checkpoints' or 'loras'."""
     import folder_paths
 
-    setup_comfyui()
-    path = Path(folder_paths.get_folder_paths(kind)[0])
+    base = setup_comfyui()
+    paths = folder_paths.get_folder_paths(kind)  # a pack may list its own folder first (AnimateDiff-Evolved does)
+    path = Path(next((p for p in paths if Path(p).is_relative_to(base)), paths[0]))
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -98,13 +108,15 @@ def load_pack(pack_root: Path = REPO_ROOT, name: str = PACK_NAME) -> set:
         link.unlink()
     if not link.exists():
         link.symlink_to(pack_root, target_is_directory=True)
-    before = set(nodes.NODE_CLASS_MAPPINGS)
     ok = asyncio.run(nodes.load_custom_node(str(link), ignore=_STATE["builtin"], module_parent="custom_nodes"))
     if not ok:
         raise RuntimeError(f"IMPORT FAILED: node pack {pack_root} (ComfyUI logged the reason above)")
     mapping = getattr(sys.modules[str(link).replace(".", "_x_")], "NODE_CLASS_MAPPINGS", None)
-    if mapping is None:  # a V3 pack (comfy_entrypoint)
-        return set(nodes.NODE_CLASS_MAPPINGS) - before
+    if mapping is None:  # a V3 pack (comfy_entrypoint): ComfyUI tags each node class with the pack it came from
+        module = f"custom_nodes.{name}"
+        return {
+            k for k, cls in nodes.NODE_CLASS_MAPPINGS.items() if getattr(cls, "RELATIVE_PYTHON_MODULE", "") == module
+        }
     return {k for k, cls in mapping.items() if nodes.NODE_CLASS_MAPPINGS.get(k) is cls}
 
 
@@ -159,3 +171,23 @@ def run_prompt(prompt: dict) -> dict:
         errors = [data for event, data in executor.status_messages if event == "execution_error"]
         raise RuntimeError(f"prompt execution failed: {errors}")
     return executor.history_result["outputs"]
+
+
+def require_animatediff() -> Path:
+    """Return the AnimateDiff-Evolved folder from ANIMATEDIFF_PATH, or skip the calling test when it is unset."""
+    value = os.environ.get("ANIMATEDIFF_PATH")
+    if not value:
+        pytest.skip(ANIMATEDIFF_SKIP_REASON)
+    root = Path(value).resolve()
+    if not (root / "animatediff" / "nodes_gen2.py").is_file():
+        raise RuntimeError(f"ANIMATEDIFF_PATH={value} is not a ComfyUI-AnimateDiff-Evolved checkout")
+    return root
+
+
+def load_animatediff() -> set:
+    """Load AnimateDiff-Evolved (ANIMATEDIFF_PATH) next to this pack, as custom_nodes/ComfyUI-AnimateDiff-Evolved."""
+    root = require_animatediff()
+    require_comfyui()
+    if "animatediff" not in _STATE:
+        _STATE["animatediff"] = load_pack(root, ANIMATEDIFF_PACK)
+    return _STATE["animatediff"]

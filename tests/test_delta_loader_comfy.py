@@ -219,7 +219,7 @@ def test_kohya_lora_matches_stock_lora_loader(loader, family, tmp_path):
         lora[f"{name}.alpha"] = torch.tensor(2.0)
     save_file(lora, str(tmp_path / "perflow-test-style.safetensors"))
     name = comfy_env.add_model_file("loras", tmp_path / "perflow-test-style.safetensors")
-    assert "loras/" + name in comfy_env.node("PeRFlowDeltaLoader").INPUT_TYPES()["required"]["delta_name"][0]
+    assert "loras/" + name in comfy_env.node("PeRFlowDeltaLoader").INPUT_TYPES()["required"]["delta_name"][1]["options"]
     ours, summary = load(family.model, "loras/" + name, 0.7, "ddim_eps")
     (stock,) = comfy_env.call("LoraLoaderModelOnly", model=family.model, lora_name=name, strength_model=0.7)
     n = len(lora) // 3

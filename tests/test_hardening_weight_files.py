@@ -244,3 +244,46 @@ def test_any_damaged_file_raises_delta_file_error_or_reads_finite(tmp_path, vali
     except DeltaFileError:
         return
     assert all(t.is_floating_point() and torch.isfinite(t).all() for t in wf.tensors.values())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_a_non_finite_value_past_the_first_check_chunk_is_found(tmp_path, bad, dtype):
+    t = torch.zeros((1 << 20) * 2 + 5, dtype=dtype)
+    t[-1] = bad
+    save_file({"diffusion_model.x.weight": t}, str(tmp_path / "d.safetensors"))
+    with pytest.raises(DeltaFileError, match="NaN or inf"):
+        read_weight_file(tmp_path / "d.safetensors")
+
+
+def test_a_read_error_midway_is_a_delta_file_error(tmp_path, monkeypatch):
+    save_delta(tmp_path / "d.safetensors", small_delta(), parameterization="diff_eps", num_windows=4,
+               base_architecture="sd15", base_hash=HASH)  # fmt: skip
+    real_open = os.fdopen
+
+    class FailingReads:
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def readinto(self, view):
+            raise OSError(5, "Input/output error")
+
+    calls = []
+
+    def fdopen(fd, mode):
+        calls.append(fd)
+        f = real_open(fd, mode)
+        return f if len(calls) == 1 else FailingReads(f)  # the header reads fine, the data does not
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    with pytest.raises(DeltaFileError, match="Input/output error"):
+        read_weight_file(tmp_path / "d.safetensors")

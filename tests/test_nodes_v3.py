@@ -172,6 +172,7 @@ def test_auto_parameterization_warns_only_when_it_guesses(sd15, model, caplog):
     )  # fmt: skip
     summary, logged = loaded_with_auto(model, "nodes3-meta.safetensors", caplog)
     assert "parameterization ddim_eps" in summary and not [m for m in logged if "diff_eps" in m]
+    assert "diff_eps" not in summary
     caplog.clear()
     to_diffusers = {UNET + v: k for k, v in comfy.utils.unet_to_diffusers(checkpoints.unet_config("sd15")).items()}
     save_file(
@@ -179,6 +180,7 @@ def test_auto_parameterization_warns_only_when_it_guesses(sd15, model, caplog):
     )
     summary, logged = loaded_with_auto(model, "nodes3-pub.safetensors", caplog)
     assert "parameterization diff_eps" in summary and [m for m in logged if "uses diff_eps" in m]
+    assert summary.endswith("; the published SD1.5 delta uses diff_eps")  # the user sees the guess too
 
 
 def test_kohya_lora_summary_names_skipped_text_encoder_modules(sd15, model):

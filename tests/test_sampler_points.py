@@ -7,8 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from perflow_core.schedule import perflow_timesteps
+from training.engine import lr_lambda
 from training.reflow import ReflowConfig, draw_reflow_noise, sample_timepoints, sampler_points
-from training.train import build_parser, lr_lambda, validate_args
+from training.train import build_parser, validate_args
 
 
 @settings(max_examples=40, deadline=None)
@@ -81,12 +82,13 @@ def test_bad_settings_are_refused(kwargs, match):
         ReflowConfig(**kwargs).validate()
 
 
-def test_cli_options_reach_the_config(capsys):
-    args = build_parser().parse_args(["--sampler-point-share", "0.25", "--sampler-point-steps", "4,6,8"])
+def test_cli_options_reach_the_config(capsys, tmp_path):
+    out = ["--out", str(tmp_path)]
+    args = build_parser().parse_args([*out, "--sampler-point-share", "0.25", "--sampler-point-steps", "4,6,8"])
     cfg = validate_args(args)
     assert cfg.sampler_point_share == 0.25 and cfg.sampler_point_steps == (4, 6, 8)
     with pytest.raises(SystemExit) as e:
-        build_parser().parse_args(["--sampler-point-steps", "4,x"])
+        build_parser().parse_args([*out, "--sampler-point-steps", "4,x"])
     assert e.value.code == 2 and "comma-separated step counts" in capsys.readouterr().err
 
 

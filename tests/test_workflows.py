@@ -6,6 +6,7 @@ model files), and each UI graph converts to exactly its API twin using the real 
 """
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,13 @@ MODEL_INPUTS = {
     ("CLIPLoader", "clip_name"): "text_encoders",
     ("VAELoader", "vae_name"): "vae",
     ("LoadImage", "image"): "input",
+    ("ADE_LoadAnimateDiffModel", "model_name"): "animatediff_models",
 }
+
+
+def needs_animatediff(api: dict) -> bool:
+    """Whether a workflow uses AnimateDiff-Evolved's nodes (validated only when ANIMATEDIFF_PATH is set)."""
+    return any(e["class_type"].startswith("ADE_") for e in api.values())
 
 
 def load(path):
@@ -94,6 +101,9 @@ def comfy():
 
     base = comfy_env.setup_comfyui()  # skips without COMFYUI_PATH
     comfy_env.load_pack()
+    with_animatediff = bool(os.environ.get("ANIMATEDIFF_PATH"))
+    if with_animatediff:
+        comfy_env.load_animatediff()
     import folder_paths
 
     import nodes
@@ -101,6 +111,8 @@ def comfy():
     for cls in {e["class_type"] for p in API_FILES for e in load(p).values()} & set(nodes.NODE_CLASS_MAPPINGS):
         nodes.NODE_CLASS_MAPPINGS[cls].INPUT_TYPES()  # the delta loader registers models/perflow on first use
     for api_path in API_FILES:
+        if needs_animatediff(load(api_path)) and not with_animatediff:
+            continue
         for entry in load(api_path).values():
             for (cls, inp), folder in MODEL_INPUTS.items():
                 if entry["class_type"] == cls and inp in entry["inputs"]:
@@ -111,6 +123,10 @@ def comfy():
 
 
 def _require_classes(nodes, api):
+    if needs_animatediff(api):
+        import comfy_env
+
+        comfy_env.require_animatediff()  # skips, naming ANIMATEDIFF_PATH
     missing = sorted({e["class_type"] for e in api.values()} - set(nodes.NODE_CLASS_MAPPINGS))
     assert not missing, f"unknown node classes (did this pack fail to import?): {missing}"
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tools.workflows_tool import (
     API_DIR,
+    FRONTEND_WIDGETS,
     TITLE_H,
     VIEW,
     WORKFLOWS,
@@ -182,7 +183,7 @@ def sd15_delta(g, model, pos):
         "PeRFlowDeltaLoader", pos, dl=SD15_DELTA, delta_name=SD15_DELTA.name, strength=1.0, parameterization="auto",
         num_windows=0, model=model,
     )  # fmt: skip
-    g.add("PreviewAny", (pos[0], pos[1] + 1), "PeRFlow summary", source=(delta, 1))
+    g.add("PreviewAny", (pos[0], pos[1] + 1), "PeRFlow summary", source=(delta, 1), **FRONTEND_WIDGETS["PreviewAny"])
     return delta
 
 
@@ -396,11 +397,14 @@ def load_schema(class_types):
 
     args.cpu = True
     import folder_paths
+    import utils.install_util  # noqa: F401  (as main.py: before nodes.py shadows utils/ with comfy/utils.py)
 
     import nodes
 
     parent = Path(tempfile.mkdtemp(prefix="perflow_custom_nodes_"))
     (parent / "ComfyUI-PeRFlow").symlink_to(REPO)
+    if os.environ.get("ANIMATEDIFF_PATH"):  # the AnimateDiff workflow's ADE_* nodes
+        (parent / "ComfyUI-AnimateDiff-Evolved").symlink_to(Path(os.environ["ANIMATEDIFF_PATH"]).resolve())
     folder_paths.add_model_folder_path("custom_nodes", str(parent))
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
     known = [c for c in class_types if c in nodes.NODE_CLASS_MAPPINGS]
@@ -435,7 +439,9 @@ def layout(g, schema, note: list[int]) -> tuple[dict, list[int], list[int]]:
     bottom = MARGIN + TITLE_H + note[1]
     for k, cx in enumerate(sorted(columns)):
         members = [nid for _, nid in sorted(columns[cx])]
-        sizes = [node_size(g.api[nid]["class_type"], schema[g.api[nid]["class_type"]]) for nid in members]
+        sizes = [
+            node_size(e["class_type"], schema[e["class_type"]], e["_meta"]["title"]) for e in map(g.api.get, members)
+        ]
         y = MARGIN + TITLE_H + (note[1] + GAP_Y + TITLE_H if k == 0 else 0)
         for nid, (_, h) in zip(members, sizes, strict=True):
             pos[nid] = (x, y)
@@ -481,6 +487,86 @@ def main():
         (WORKFLOWS / f"{g.name}.json").write_text(json.dumps(ui, indent=2) + "\n")
         (API_DIR / f"{g.name}.json").write_text(json.dumps(g.api, indent=2) + "\n")
         print(f"wrote {g.name} ({extent[0]}x{extent[1]} at zoom {ui['extra']['ds']['scale']}; view {VIEW})")
+
+
+# ---------------------------------------------------------------- AnimateDiff video and SDXL plug-and-play
+
+MM_SD15_V2 = Model(
+    "animatediff_models",
+    "mm_sd_v15_v2.ckpt",
+    f"{HF}/guoyww/animatediff/resolve/main/mm_sd_v15_v2.ckpt",
+    "Apache-2.0 (AnimateDiff, guoyww)",
+    "needs the AnimateDiff-Evolved node pack (Kosinkadink/ComfyUI-AnimateDiff-Evolved)",
+)
+SDXL_FINETUNE = Model(
+    "checkpoints",
+    SDXL_BASE.name,
+    SDXL_BASE.url,
+    SDXL_BASE.licence,
+    "stands in for your SDXL fine-tune: pick any SDXL checkpoint in the loader",
+)
+SDXL_DELTA_NAME = "perflow-sdxl-delta.safetensors"
+
+
+def sd15_animatediff():
+    g = Graph(
+        "sd15_animatediff_perflow",
+        "PeRFlow SD1.5 + AnimateDiff video, 16 frames, 6 steps",
+        "The PeRFlow SD1.5 delta (Delta Loader) + the AnimateDiff v2 motion module through AnimateDiff-Evolved's "
+        "Gen2 nodes, with context options (16-frame windows, overlap 4: raise batch_size in Empty Latent Image "
+        "for longer clips). 'Use Evolved Sampling' MUST keep beta_schedule 'use existing': its default "
+        "'autoselect' swaps in AnimateDiff's own noise table and model sampling, which PeRFlow refuses with an "
+        "error. KSampler: sampler and scheduler 'perflow', 6 steps (4-8 work), cfg 4.5, 512x512, saved as an "
+        "animated WebP at 8 fps.",
+    )
+    ckpt = g.add("CheckpointLoaderSimple", (40, 200), dl=SD15, ckpt_name=SD15.name)
+    delta = sd15_delta(g, (ckpt, 0), (40, 380))
+    mm = g.add("ADE_LoadAnimateDiffModel", (420, 10), dl=MM_SD15_V2, model_name=MM_SD15_V2.name)
+    apply = g.add("ADE_ApplyAnimateDiffModelSimple", (420, 20), motion_model=(mm, 0))
+    ctx = g.add(
+        "ADE_StandardUniformContextOptions", (420, 30), context_length=16, context_stride=1, context_overlap=4,
+        fuse_method="pyramid", use_on_equal_length=False, start_percent=0.0, guarantee_steps=1,
+    )  # fmt: skip
+    evolved = g.add(
+        "ADE_UseEvolvedSampling", (420, 40), "Use Evolved Sampling (beta_schedule: use existing)",
+        beta_schedule="use existing", model=(delta, 0), m_models=(apply, 0), context_options=(ctx, 0),
+    )  # fmt: skip
+    pos, neg = sd15_text(g, ckpt, x=640)
+    lat = g.add("EmptyLatentImage", (640, 760), width=512, height=512, batch_size=16)
+    ks = perflow_ksampler(g, (evolved, 0), (pos, 0), (neg, 0), (lat, 0), steps=6, cfg=4.5, denoise=1.0)
+    img = g.add("VAEDecode", (1270, 60), samples=(ks, 0), vae=(ckpt, 2))
+    g.add(
+        "SaveAnimatedWEBP", (1270, 180), filename_prefix="perflow/sd15_animatediff", fps=8.0, lossless=False,
+        quality=90, method="default", images=(img, 0),
+    )  # fmt: skip
+    return g
+
+
+def sdxl_extracted_delta():
+    g = Graph(
+        "sdxl_finetune_extracted_delta_6step",
+        "PeRFlow on any SDXL fine-tune: extracted delta, ddim_eps, 6 steps",
+        "Make the delta once from the published merged PeRFlow SDXL UNet and SDXL base (see README, SDXL "
+        "plug-and-play):\n  python -m training.extract_delta --merged perflow-sdxl-base-unet.safetensors "
+        f"--base sd_xl_base_1.0.safetensors --out ComfyUI/models/perflow/{SDXL_DELTA_NAME}\n"
+        f"(the merged UNet: {SDXL_UNET.url}; licence {SDXL_UNET.licence}). The Delta Loader adds it to your SDXL "
+        "fine-tune with parameterization ddim_eps and 4 windows. KSampler: 'perflow' sampler and scheduler, "
+        "6 steps, cfg 2.0, 1024x1024.",
+    )
+    ckpt = g.add("CheckpointLoaderSimple", (40, 200), "SDXL fine-tune", dl=SDXL_FINETUNE, ckpt_name=SDXL_FINETUNE.name)
+    delta = g.add(
+        "PeRFlowDeltaLoader", (420, 540), "PeRFlow Delta Loader (extracted SDXL delta)", delta_name=SDXL_DELTA_NAME,
+        strength=1.0, parameterization="ddim_eps", num_windows=4, model=(ckpt, 0),
+    )  # fmt: skip
+    g.add("PreviewAny", (420, 541), "PeRFlow summary", source=(delta, 1), **FRONTEND_WIDGETS["PreviewAny"])
+    pos, neg = sd15_text(g, ckpt)
+    lat = g.add("EmptyLatentImage", (420, 760), width=1024, height=1024, batch_size=1)
+    ks = perflow_ksampler(g, (delta, 0), (pos, 0), (neg, 0), (lat, 0), steps=6, cfg=2.0, denoise=1.0)
+    decode_save(g, ks, ckpt, "perflow/sdxl_extracted_delta_6step")
+    return g
+
+
+BUILDERS += [sd15_animatediff, sdxl_extracted_delta]
 
 
 if __name__ == "__main__":

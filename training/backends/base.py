@@ -1,5 +1,7 @@
 """What the training loop asks of a backend (the toy UNet, a ComfyUI checkpoint, ...)."""
 
+import copy
+from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol
 
 import torch
@@ -44,3 +46,36 @@ class Backend(Protocol):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images [N, C, H, W] in [-1, 1] for the sample grid."""
+
+
+class TeacherStudent:
+    """The two networks of a run. Full training: the frozen network and a float32 trainable copy. LoRA training
+    (rank > 0): one network, peft adapters on `lora_targets` trainable, and the teacher is that network with its
+    adapters switched off, so one UNet is in memory."""
+
+    def __init__(self, net: torch.nn.Module, lora_rank: int = 0, lora_alpha: float | None = None, lora_targets=()):
+        self.lora = lora_rank > 0
+        if self.lora:
+            from training.lora import add_adapters
+
+            add_adapters(net, lora_rank, lora_alpha, lora_targets)
+            self.teacher = self.student = net.train()
+        else:
+            self.teacher = net.requires_grad_(False).eval()
+            self.student = copy.deepcopy(net).float().train().requires_grad_(True)
+
+    def teacher_mode(self) -> AbstractContextManager:
+        """The block in which calls of `teacher` compute the frozen base."""
+        if not self.lora:
+            return nullcontext()
+        from training.lora import adapters_disabled
+
+        return adapters_disabled(self.teacher)
+
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        """The frozen base weights under their original names."""
+        if not self.lora:
+            return self.teacher.state_dict()
+        from training.lora import base_state_dict
+
+        return base_state_dict(self.teacher)

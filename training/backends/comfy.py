@@ -6,7 +6,6 @@ Data: a folder of images with same-name .txt captions, or a JSONL manifest of {"
 """
 
 import argparse
-import copy
 import hashlib
 import json
 import logging
@@ -18,6 +17,9 @@ import torch
 
 from perflow_core.delta_format import state_dict_hash
 from perflow_core.windows import NUM_TRAIN_TIMESTEPS
+from training.backends.base import TeacherStudent
+from training.cli import UserError
+from training.lora import COMFY_UNET_TARGETS
 
 log = logging.getLogger("perflow.train")
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -72,7 +74,8 @@ def load_image(path: Path, resolution: int) -> tuple[torch.Tensor, tuple[int, in
 
 
 class ComfyBackend:
-    """Teacher = the checkpoint's UNet (frozen), student = its float32 copy; conditioning dicts {context, y}."""
+    """Teacher = the checkpoint's UNet (frozen), student = its float32 copy or, with --lora-rank, the same UNet with
+    LoRA adapters (the teacher is it with the adapters off); conditioning dicts {context, y}."""
 
     checkpoint_blocks = ("ResBlock", "SpatialTransformer")
     delta_prefix = "diffusion_model."
@@ -83,10 +86,16 @@ class ComfyBackend:
         import comfy.sd
 
         if args.checkpoint is None or not args.checkpoint.is_file():
-            raise FileNotFoundError(f"--checkpoint: base model file not found: {args.checkpoint}")
+            raise UserError(f"--checkpoint: base model file not found: {args.checkpoint}")
         if args.data is None:
-            raise ValueError("--data: an image folder or a .jsonl manifest is needed for --backend comfy")
-        out = comfy.sd.load_checkpoint_guess_config(str(args.checkpoint), output_vae=True, output_clip=True)
+            raise UserError("--data: an image folder or a .jsonl manifest is needed for --backend comfy")
+        try:
+            out = comfy.sd.load_checkpoint_guess_config(str(args.checkpoint), output_vae=True, output_clip=True)
+        except Exception as e:  # noqa: BLE001 - ComfyUI raises many types for a file it cannot read
+            raise UserError(
+                f"{args.checkpoint}: ComfyUI cannot load it as a checkpoint ({e}); pass an SD1.5, SD2.1 "
+                "or SDXL .safetensors checkpoint"
+            ) from None
         patcher, self.clip, self.vae = out[0], out[1], out[2]
         self.base = patcher.model
         name = type(self.base.model_config).__name__
@@ -96,9 +105,11 @@ class ComfyBackend:
         self.v_prediction = self.base.model_type == comfy.model_base.ModelType.V_PREDICTION
         self.alphas_cumprod = (1 / (1 + self.base.model_sampling.sigmas.double().cpu() ** 2)).float()  # s^2 = (1-a)/a
         self.device, self.resolution = device, args.resolution
-        self.teacher = self.base.diffusion_model.to(device).requires_grad_(False).eval()
-        self.student = copy.deepcopy(self.teacher).float().train().requires_grad_(True)
-        self.teacher_dtype = next(self.teacher.parameters()).dtype
+        unet = self.base.diffusion_model.to(device)
+        self.teacher_dtype = next(unet.parameters()).dtype
+        self.nets = TeacherStudent(unet, args.lora_rank, args.lora_alpha, COMFY_UNET_TARGETS)
+        self.teacher, self.student = self.nets.teacher, self.nets.student
+        self.student_dtype = self.teacher_dtype if self.nets.lora else torch.float32
         self.delta_dtype = torch.float16
         self.items, self.skipped = [], 0
         for path, caption in scan_items(args.data):
@@ -153,19 +164,27 @@ class ComfyBackend:
         """The teacher UNet at DDPM index round(t*1000) - 1 (published PFODESolver); v-prediction turned into eps."""
         idx = torch.clamp(torch.round(t * NUM_TRAIN_TIMESTEPS) - 1, min=0)
         dt = self.teacher_dtype
-        out = self.teacher(x.to(dt), timesteps=idx, context=cond["context"].to(dt), y=_opt(cond.get("y"), dt)).float()
+        with self.nets.teacher_mode():
+            out = self.teacher(x.to(dt), timesteps=idx, context=cond["context"].to(dt), y=_opt(cond.get("y"), dt))
+        out = out.float()
         if not self.v_prediction:
             return out
         a = self.alphas_cumprod.to(x.device, torch.float32)[idx.long()].reshape(-1, 1, 1, 1)
         return a.sqrt() * out + (1 - a).sqrt() * x  # eps = sqrt(a) v + sqrt(1 - a) x
 
-    @staticmethod
-    def student_fn(module):
-        """The student sees t*1000 (PeRFlowModelSampling.timestep), as in the published training loop."""
-        return lambda x, t, cond: module(x, timesteps=t * NUM_TRAIN_TIMESTEPS, context=cond["context"], y=cond.get("y"))
+    def student_fn(self, module):
+        """The student sees t*1000 (PeRFlowModelSampling.timestep), as in the published training loop; a LoRA student
+        computes in the base's dtype (its adapters in float32)."""
+        dt = self.student_dtype
+
+        def forward(x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+            c, y = cond["context"].to(dt), _opt(cond.get("y"), dt)
+            return module(x.to(dt), timesteps=t * NUM_TRAIN_TIMESTEPS, context=c, y=y).float()
+
+        return forward
 
     def base_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.teacher.state_dict()
+        return self.nets.base_state_dict()
 
     def fingerprint(self) -> dict[str, str]:
         items = [[p.name, c, list(o), list(cr), p.stat().st_size] for p, c, o, cr in self.items]

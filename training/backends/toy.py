@@ -1,15 +1,18 @@
-"""Toy backend: a frozen ToyUNet teacher from a .safetensors file, the student its copy, data a uint8 image .npz."""
+"""Toy backend: a ToyUNet teacher from a .safetensors file, data a uint8 image .npz (training/toy_data.py)."""
 
-import copy
 from pathlib import Path
 
 import torch
 
 from perflow_core.delta_format import state_dict_hash
 from perflow_core.schedule import sd_alphas_cumprod
+from training.backends.base import TeacherStudent
 from training.cli import UserError
 from training.toy_data import load_toy_data
-from training.toy_model import load_toy_model
+from training.toy_model import ToyUNet, load_toy_model
+
+# The published LoRA roles in the ToyUNet: ResBlock conv1/conv2/skip/emb (time_emb_proj) and the strided pool convs.
+TOY_LORA_TARGETS = (r"\.conv[12]$", r"\.skip$", r"\.emb$", r"^pool[12]$")
 
 
 class ToyBackend:
@@ -20,24 +23,39 @@ class ToyBackend:
     delta_prefix = ""
     delta_dtype = torch.float32
 
-    def __init__(self, teacher: Path, data: Path, device: torch.device):
-        self.device = device
-        self.memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format  # faster on CPU
-        self.teacher = load_toy_model(teacher, device).requires_grad_(False).to(memory_format=self.memory_format)
-        self.student = copy.deepcopy(self.teacher).train().requires_grad_(True)
+    def __init__(
+        self,
+        teacher: ToyUNet,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        device: torch.device,
+        lora_rank: int = 0,
+        lora_alpha: float | None = None,
+    ):
+        self.device = torch.device(device)
+        self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        net = teacher.to(self.device, memory_format=self.memory_format)
+        self.nets = TeacherStudent(net, lora_rank, lora_alpha, TOY_LORA_TARGETS)
+        self.teacher, self.student = self.nets.teacher, self.nets.student
         self.alphas_cumprod = sd_alphas_cumprod()
-        self.images, self.labels = load_toy_data(data)
-        nc, ch = self.teacher.num_classes, self.teacher.config["in_channels"]
-        if self.images.shape[1] != ch or self.images.shape[-1] % 4 or self.images.shape[-2] % 4:
+        self.images, self.labels = images, labels
+        self.null_class = teacher.num_classes
+
+    @classmethod
+    def from_files(cls, teacher: Path, data: Path, device: torch.device, lora_rank=0, lora_alpha=None):
+        """Load the teacher and the data; refuse data that does not fit the teacher (channels, size, labels)."""
+        net = load_toy_model(teacher)
+        images, labels = load_toy_data(data)
+        nc, ch = net.num_classes, net.config["in_channels"]
+        if images.shape[1] != ch or images.shape[-1] % 4 or images.shape[-2] % 4:
             raise UserError(
-                f"{data}: images {tuple(self.images.shape[1:])} do not fit the teacher {teacher} ({ch} channels, "
-                "height and width divisible by 4)"
+                f"{data}: images {tuple(images.shape[1:])} do not fit the teacher {teacher} ({ch} channels, height "
+                "and width divisible by 4)"
             )
-        if len(self.labels) and int(self.labels.max()) >= nc:
-            raise UserError(
-                f"{data}: labels reach {int(self.labels.max())}; the teacher has {nc} classes (0..{nc - 1})"
-            )
-        self.null_class = nc
+        if len(labels) and int(labels.max()) >= nc:
+            top = int(labels.max())
+            raise UserError(f"{data}: labels reach {top}; the teacher {teacher} has {nc} classes (0..{nc - 1})")
+        return cls(net, images, labels, device, lora_rank, lora_alpha)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -51,14 +69,15 @@ class ToyBackend:
         return images, labels, torch.full_like(labels, self.null_class)
 
     def teacher_eps(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self.teacher(x, t * 1000, cond)  # the toy teacher is fed t*1000 (noise level ac[t*1000 - 1])
+        with self.nets.teacher_mode():
+            return self.teacher(x, t * 1000, cond)  # the toy teacher is fed t*1000 (noise level ac[t*1000 - 1])
 
     @staticmethod
     def student_fn(module):
         return lambda x, t, cond: module(x, t * 1000, cond)
 
     def base_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.teacher.state_dict()
+        return self.nets.base_state_dict()
 
     def fingerprint(self) -> dict[str, str]:
         return {
