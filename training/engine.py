@@ -16,10 +16,22 @@ from training.backends.base import Backend
 from training.ema import EMA
 from training.reflow import ReflowConfig, draw_reflow_noise, make_reflow_batch, reflow_loss
 
+LR_SCHEDULES = ("constant", "cosine")
 
-def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
-    """Linear warmup to the base learning rate over warmup_steps, then constant (published default: constant)."""
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+def lr_lambda(warmup_steps: int, schedule: str = "constant", total_steps: int = 0) -> Callable[[int], float]:
+    """Linear warmup to the base learning rate over warmup_steps, then constant (published) or, for `cosine`, a
+    half-cosine decay to 0 at total_steps (issue 13: better paired error at every step count on the toy)."""
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        if schedule == "constant":
+            return warm
+        return warm * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr schedule must be one of {', '.join(LR_SCHEDULES)}; got {schedule!r}")
+    return factor
 
 
 def batch_indices(step: int, n: int, global_batch: int, seed: int) -> torch.Tensor:
@@ -58,6 +70,8 @@ class ReflowEngine:
         lr: float,
         weight_decay: float = 0.0,
         warmup: int = 0,
+        lr_schedule: str = "constant",
+        total_steps: int = 0,
         max_grad_norm: float = 1.0,
         ema_decay: float = 0.0,
         seed: int = 0,
@@ -68,7 +82,7 @@ class ReflowEngine:
         optimizer = torch.optim.AdamW(
             self.params.values(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(warmup))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, lr_schedule, total_steps))
         self.ema = EMA(self.params, ema_decay) if ema_decay > 0 else None
         self.model, self.optimizer = accelerator.prepare(backend.student, optimizer)
         self.student_fn = backend.student_fn(self.model)
