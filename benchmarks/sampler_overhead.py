@@ -1,19 +1,16 @@
 """Per-step overhead of the PeRFlow path (model sampling + sample_perflow) over a bare Euler loop.
 
 Both loops call the same cheap network on a 1x4x64x64 latent; the difference per step is what PeRFlow adds
-around a real UNet call. Usage: python benchmarks/sampler_overhead.py [--steps 1000] [--repeats 5]
+around a real UNet call. Usage: python -m benchmarks.sampler_overhead [--steps 1000] [--repeats 5]
 """
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from perflow_core.model_sampling import PeRFlowModelSampling  # noqa: E402
-from perflow_core.sampling import sample_perflow  # noqa: E402
+from perflow_core.model_sampling import PeRFlowModelSampling
+from perflow_core.sampling import sample_perflow
 
 
 def cheap_network(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
