@@ -102,7 +102,7 @@ class DeltaMetadata:
         if self.cfg_mode:
             meta["cfg_mode"] = self.cfg_mode
         if self.cfg_scale is not None:
-            meta["cfg_scale"] = repr(float(self.cfg_scale))
+            meta["cfg_scale"] = format(float(self.cfg_scale), ".15g")  # 3 -> "3", 7.5 -> "7.5"
         if self.steps_trained is not None:
             meta["steps_trained"] = str(self.steps_trained)
         if self.training_summary is not None:

@@ -240,7 +240,7 @@ def check_weight_tensors(path: str | os.PathLike, style: str, infos: dict[str, T
         if info.dtype not in FLOAT_DTYPES and not integer_alpha:
             raise DeltaFileError(
                 path,
-                f"tensor {key!r} is {info.dtype}; weights and deltas are floating point (F16, BF16, F32, F64)",
+                f"tensor {key!r} is {info.dtype}; weights and deltas are floating-point (F16, BF16, F32, F64)",
                 "export the weights again as floating point",
             )
     if all(math.prod(info.shape) == 0 for info in infos.values()):

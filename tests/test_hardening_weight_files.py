@@ -92,10 +92,10 @@ def test_a_pickle_under_a_safetensors_name_is_reported_as_a_pickle(tmp_path, pro
 def test_integer_and_bool_tensors_are_refused_in_a_delta(tmp_path, dtype):
     tensors = {**small_delta(), "diffusion_model.out.2.bias": torch.ones(4, dtype=dtype)}
     save_file(tensors, str(tmp_path / "d.safetensors"), META)
-    with pytest.raises(DeltaFileError, match="floating point"):
+    with pytest.raises(DeltaFileError, match="floating-point"):
         read_weight_file(tmp_path / "d.safetensors")
     save_file(tensors, str(tmp_path / "m.safetensors"))  # a diffusers/LDM file without metadata too
-    with pytest.raises(DeltaFileError, match="floating point"):
+    with pytest.raises(DeltaFileError, match="floating-point"):
         read_weight_file(tmp_path / "m.safetensors")
     with pytest.raises(ValueError, match="floating-point"):
         save_delta(tmp_path / "w.safetensors", tensors, parameterization="diff_eps", num_windows=4,
