@@ -316,7 +316,7 @@ def run_training(args, rcfg: reflow.ReflowConfig, accelerator: Accelerator) -> d
         log.info("samples %s %s", path, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         return metrics
 
-    config = {k: str(v) if isinstance(v, Path) or v is None else v for k, v in vars(args).items()}
+    config = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in vars(args).items()}  # trackers
     accelerator.init_trackers("perflow", config=config)
     log.info("config %s", json.dumps(config, sort_keys=True))
     log.info(
