@@ -21,6 +21,8 @@ def test_too_old_comfyui_logs_one_line_and_offers_no_nodes(caplog, has_patcher_e
     if has_patcher_extension:  # 0.3.10 .. 0.3.51: there, but without the wrapper the CFG schedule needs
         old["comfy.patcher_extension"] = types.ModuleType("comfy.patcher_extension")
         old["comfy.patcher_extension"].WrappersMP = type("WrappersMP", (), {"OUTER_SAMPLE": "outer_sample"})
+    else:  # None makes the import fail even where a real ComfyUI was imported earlier in this process
+        old["comfy.patcher_extension"] = None
     spec = importlib.util.spec_from_file_location("perflow_pack_ci", REPO_ROOT / "__init__.py")
     module = importlib.util.module_from_spec(spec)
     with patch.dict(sys.modules, {**old, spec.name: module}), caplog.at_level(logging.ERROR, logger="perflow"):
