@@ -248,7 +248,8 @@ def test_tensorboard_logs_the_loss_offline(toy, tmp_path):
     ("flag", "value", "message"),
     [
         ("--lr", "-1", r"--lr must be a float in \(0, 1\]"),
-        ("--windows", "0", "num_windows must be an integer in 1..100"),
+        ("--windows", "0", "num_windows must be an integer from 1 to 16"),
+        ("--windows", "17", "num_windows must be an integer from 1 to 16"),
         ("--cond-dropout", "1", r"cond_dropout must be a float in \[0, 1\)"),
         ("--ema-decay", "1.5", r"--ema-decay must be a float in \[0, 1\)"),
         ("--batch-size", "1000", "exceeds the dataset size"),

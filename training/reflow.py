@@ -12,7 +12,7 @@ import torch
 from perflow_core.noising import marginal
 from perflow_core.parameterization import PARAMETERIZATIONS, epsilon_for_window_end
 from perflow_core.schedule import perflow_timesteps
-from perflow_core.windows import NUM_TRAIN_TIMESTEPS, window_of
+from perflow_core.windows import NUM_TRAIN_TIMESTEPS, check_num_windows, window_of
 from training.solvers import Cond, EpsFn, per_item, solve_teacher
 
 CFG_MODES = ("sync", "fixed")
@@ -38,7 +38,7 @@ class ReflowConfig:
     def validate(self) -> None:
         """Reject out-of-range values up front, naming the allowed range."""
         _check(self.parameterization in PARAMETERIZATIONS, "parameterization", self.parameterization, PARAMETERIZATIONS)
-        _check(1 <= self.num_windows <= 100, "num_windows", self.num_windows, "an integer in 1..100")
+        check_num_windows(self.num_windows)  # the same 1..16 as the nodes and delta files
         _check(1 <= self.solver_steps <= 1000, "solver_steps", self.solver_steps, "an integer in 1..1000")
         _check(
             self.num_windows <= self.timestep_grid <= NUM_TRAIN_TIMESTEPS
