@@ -265,3 +265,18 @@ def test_lora_product_is_comfyui_arithmetic():
     up, down = torch.randn(6, 2, 1, 1, generator=g), torch.randn(2, 3, 3, 3, generator=g)
     expected = torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down) * (5.0 / 2)
     torch.testing.assert_close(lora_product(up, down, 5.0, torch.Size((6, 3, 3, 3))), expected)
+
+
+@pytest.mark.parametrize("text", ["1e400", "-1e999"])
+def test_write_lora_refuses_a_cfg_scale_that_reads_as_infinite(tmp_path, text):
+    n = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"
+    tensors = {
+        f"{n}.lora_down.weight": torch.zeros(4, 768),
+        f"{n}.lora_up.weight": torch.zeros(640, 4),
+        f"{n}.alpha": torch.tensor(4.0),
+    }
+    meta = {"parameterization": "ddim_eps", "num_windows": "4", "base_architecture": "sd15", "base_hash": "0" * 64}
+    with pytest.raises(ValueError, match="finite"):
+        write_lora(tmp_path / "x.safetensors", tensors, meta | {"cfg_mode": "fixed", "cfg_scale": text})
+    assert not list(tmp_path.iterdir())
+    write_lora(tmp_path / "x.safetensors", tensors, meta | {"cfg_mode": "fixed", "cfg_scale": "4.5"})

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from perflow_core.atomic_file import atomic_path
 from perflow_core.delta_format import FORMAT_VERSION, DeltaMetadata, save_delta, state_dict_hash
 from perflow_core.delta_keys import guess_architecture
+from perflow_core.number_parsing import finite
 from training.reflow import CFG_MODES, ReflowConfig
 
 LORA_FORMAT = "lora"
@@ -88,6 +89,8 @@ def _check_entries(metadata: dict[str, str]) -> None:
     for key, pattern in (("cfg_scale", _FLOAT), ("perflow_lora_relative_error", _FLOAT), ("steps_trained", _DECIMAL)):
         if key in metadata and not pattern.fullmatch(metadata[key]):
             raise ValueError(f"{key} must be a decimal number, got {metadata[key]!r}")
+        if key in metadata and pattern is _FLOAT:
+            finite(float(metadata[key]), key, metadata[key])  # '1e400' matches the pattern but the reader refuses inf
     if "training_summary" in metadata:
         try:
             summary = json.loads(metadata["training_summary"])
