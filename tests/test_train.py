@@ -4,6 +4,7 @@ gradient accumulation), 2 processes = 1 process, accumulation = one larger batch
 import os
 import random
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -188,6 +189,46 @@ def test_grad_accumulation_equals_one_step_with_the_larger_batch(toy, tmp_path):
     assert_same_training(big, acc)
 
 
+class BucketedToy:
+    """The toy backend with two latent sizes, as aspect buckets give: a micro-batch whose first item has an odd index
+    comes at 12x12 instead of 8x8. Records the sizes of each call."""
+
+    sizes: list[tuple[int, ...]] = []
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def __len__(self) -> int:
+        return len(self.backend)
+
+    def batch(self, idx):
+        latents, cond, null = self.backend.batch(idx)
+        if int(idx[0]) % 2:
+            latents = torch.nn.functional.interpolate(latents, size=(12, 12), mode="bilinear")
+        self.sizes.append(tuple(latents.shape[1:]))
+        return latents, cond, null
+
+
+def test_buckets_with_grad_accumulation_train_and_resume_exactly(toy, tmp_path, monkeypatch):
+    from training import train as train_module
+
+    make = train_module.make_backend
+    monkeypatch.setattr(train_module, "make_backend", lambda *a: BucketedToy(make(*a)))
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ("--steps", "4", "--grad-accum", "2", "--cond-dropout", "0.3", "--log-every", "1")
+    BucketedToy.sizes.clear()
+    train(args(toy, a, *common))
+    steps = [BucketedToy.sizes[i : i + 2] for i in range(0, 8, 2)]
+    assert any(s[0] != s[1] for s in steps), steps  # a step whose two micro-batches are of different sizes
+    assert all(np.isfinite(logged_losses(a)))
+    train(args(toy, b, *common, "--stop-at-step", "2"))
+    train(args(toy, b, *common, "--resume"))
+    assert_identical(a, b)
+
+
 def test_resume_refuses_a_moved_cosine_end(toy, tmp_path):
     out = tmp_path / "run"
     train(args(toy, out, "--steps", "4", "--stop-at-step", "1", "--lr-schedule", "cosine"))
@@ -204,6 +245,28 @@ def test_two_processes_match_one_process(toy, tmp_path, recipe):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es), global batch 8" in (two / "train.log").read_text()
     assert logged_losses(one) == pytest.approx(logged_losses(two), rel=1e-5)
+    assert_same_training(one, two)
+
+
+def test_accelerate_cpu_launch_of_two_processes_is_refused_with_the_command_that_runs_them(toy, tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts one process (no MPI): refused, --out untouched, and the
+    command the error gives runs 2 processes that match the single-process run."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ("--steps", "2", "--log-every", "1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [*cmd, "-m", "training.train", *args(toy, two, *common)], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and len(errors) == 1 and "starts ONE process" in errors[0], proc.stderr[-3000:]
+    assert not two.exists()
+    suggested = shlex.split(errors[0].split(" run: ", 1)[1])
+    assert suggested[:7] == ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "-m", "training.train"]
+    proc = launch(*suggested[7:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in (two / "train.log").read_text()
+    train(args(toy, one, *common))
     assert_same_training(one, two)
 
 

@@ -4,6 +4,9 @@ accelerate config), with the state a checkpoint keeps. Used by `training.train` 
 A step's global batch is batch_size x grad_accum items, drawn from one generator seeded by (seed, step): dataset
 indices, timepoints, noise and the CFG-dropout mask. Micro-batch i is its i-th slice of batch_size items, split over
 the processes, so any process count and any accumulation of the same global batch see the same items and draws.
+Noise is drawn at the first micro-batch's latent size; a micro-batch of another size (aspect buckets: each
+micro-batch is one bucket) gets fresh noise of its own size from the same generator, after the step's other draws,
+so a bucketed run with accumulation is as deterministic, and as exactly resumable, as any other.
 """
 
 import math
@@ -94,15 +97,21 @@ class ReflowEngine:
         size = self.batch_size * self.grad_accum
         idx = batch_indices(step, len(self.backend), size, self.seed)
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        t, noise, keep = draw_reflow_noise(self.rcfg, size, self.backend.latent_shape(), g)
-        losses = []
+        mine, losses = slice(rank * self.batch_size // world, (rank + 1) * self.batch_size // world), []
         for micro in range(self.grad_accum):
             lo = micro * self.batch_size
-            part = slice(lo + rank * self.batch_size // world, lo + (rank + 1) * self.batch_size // world)
+            part = slice(lo + mine.start, lo + mine.stop)
             latents, cond, null = self.backend.batch(idx[part])
+            shape = tuple(latents.shape[1:])
+            if micro == 0:
+                t, noise, keep = draw_reflow_noise(self.rcfg, size, shape, g)
+            if shape == noise.shape[1:]:
+                micro_noise = noise[part]
+            else:  # another bucket than micro-batch 0: fresh noise of its size, for the whole micro-batch as above
+                micro_noise = torch.randn((self.batch_size, *shape), generator=g)[mine]
             b = make_reflow_batch(
                 self.rcfg, self.backend.teacher_eps, latents, cond, null, self.backend.alphas_cumprod,
-                t[part], noise[part], keep[part],
+                t[part], micro_noise, keep[part],
             )  # fmt: skip
             with acc.accumulate(self.model):
                 loss = reflow_loss(self.student_fn(b.z_t, b.t, b.cond), b.target, b.t, self.rcfg.reweighting)

@@ -2,7 +2,7 @@
 
     python -m training.train --backend toy --out runs/toy --steps 1000                    # one CPU or GPU
     python -m training.train --backend toy --out runs/toy --resume                        # continue from checkpoint.pt
-    accelerate launch --cpu --num_processes 2 -m training.train --backend toy --out runs/toy2
+    accelerate launch --multi_gpu --num_processes 2 -m training.train --cpu --backend toy --out runs/toy2  # 2 CPUs
     accelerate launch --multi_gpu --num_processes 8 -m training.train --backend comfy ...  # see the README
 
 Writes to --out: perflow_delta.safetensors (student - teacher) or, with --lora-rank, perflow_lora.safetensors (a
@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import time
@@ -226,6 +227,38 @@ def on_main(accelerator: Accelerator, fn):
     return result
 
 
+def launcher_processes() -> int | None:
+    """--num_processes of the `accelerate launch` command line that started this process, where it can be read."""
+    try:
+        import psutil  # an accelerate dependency
+
+        argv = psutil.Process().parent().cmdline()
+    except Exception:  # noqa: BLE001 - no parent, no permission, another platform: the message says N
+        return None
+    for i, a in enumerate(argv):
+        value = argv[i + 1] if a == "--num_processes" and i + 1 < len(argv) else a.partition("--num_processes=")[2]
+        if value:
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def refuse_single_process_cpu_launch(argv: list[str]) -> None:
+    """`accelerate launch --cpu --num_processes N` starts ONE process: accelerate runs several CPU processes only
+    through MPI (--mpirun_hostfile) and otherwise runs the script once, with MASTER_ADDR set as the only trace of N > 1
+    (accelerate/commands/launch.py: launch_command -> simple_launcher). Training then would run in one process where
+    the user asked for N; refuse, with the command that starts N processes (gloo) and gives the same result."""
+    env = os.environ
+    if env.get("ACCELERATE_USE_CPU", "").lower() != "true" or not env.get("MASTER_ADDR"):
+        return
+    n = launcher_processes()
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(n or "N"), "-m", "training.train"]
+    command += [*argv, *([] if "--cpu" in argv else ["--cpu"])]
+    raise UserError(
+        f"accelerate launch --cpu --num_processes {n or 'N'} starts ONE process (accelerate runs several CPU "
+        f"processes only through MPI, --mpirun_hostfile). For {n or 'N'} processes on CPUs run: {shlex.join(command)}"
+    )
+
+
 def train(argv: list[str] | None = None) -> dict:
     """Run (or resume) a training job; returns a summary dict (also written to metrics.json)."""
     args = build_parser().parse_args(argv)
@@ -241,6 +274,8 @@ def train(argv: list[str] | None = None) -> dict:
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(args.out), logging_dir=str(args.out / "logs")),
     )
+    if accelerator.num_processes == 1:
+        refuse_single_process_cpu_launch(sys.argv[1:] if argv is None else argv)
     if args.batch_size % accelerator.num_processes:
         raise UserError(
             f"--batch-size must be a multiple of the process count ({accelerator.num_processes}); got {args.batch_size}"
@@ -259,12 +294,6 @@ def run_training(args, rcfg: reflow.ReflowConfig, accelerator: Accelerator) -> d
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // local))
     setup_logging(args.out, main)
-    if world == 1 and os.environ.get("MASTER_ADDR") and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true":
-        log.warning(
-            "accelerate launch --cpu started ONE process: accelerate runs several CPU processes only through mpirun. "
-            "For N processes on CPUs use `accelerate launch --multi_gpu --num_processes N -m training.train --cpu ...` "
-            "(or torchrun --nproc_per_node N); the result is the same, as the global batch is."
-        )
     torch.manual_seed(args.seed)  # LoRA adapters start from this seed
     backend = make_backend(args, accelerator.device)
     check_finite(backend.base_state_dict(), f"teacher {args.checkpoint or args.teacher}")
@@ -290,16 +319,14 @@ def run_training(args, rcfg: reflow.ReflowConfig, accelerator: Accelerator) -> d
         engine.load_state_dict(ck["engine"])
         set_rng_states(ck["rng"])
         step = ck["step"]
-        if ck.get("data") is not None:  # a streaming backend's data position
-            backend.load_data_state(ck["data"])
+        backend.load_data_state(ck["data"])
         log.info("resumed from %s at step %d", ckpt_path, step)
 
     def save_checkpoint() -> None:
         state = engine.state_dict()
         check_finite(state["student"], "the student")  # a checkpoint kept as "last good" is finite
-        data = backend.data_state() if hasattr(backend, "data_state") else None  # every process takes part
-        if hasattr(backend, "write_skip_report"):
-            backend.write_skip_report(args.out / "skipped.json")
+        data = backend.data_state()  # every process takes part
+        backend.write_skip_report(args.out / "skipped.json")
         if main:
             ck = {"step": step, "engine": state, "rng": rng_states(), "settings": settings, "data": data}
             atomic_torch_save(ck, ckpt_path)

@@ -2,6 +2,7 @@
 
 import copy
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -46,6 +47,17 @@ class Backend(Protocol):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images [N, C, H, W] in [-1, 1] for the sample grid."""
+
+    def data_state(self) -> object:
+        """The data position a checkpoint keeps for an exact resume (None where the step number alone fixes it).
+        Every process calls it."""
+
+    def load_data_state(self, state: object) -> None:
+        """Continue the data from a checkpoint's data_state() value (before the first batch)."""
+
+    def write_skip_report(self, path: Path) -> None:
+        """Write the samples skipped so far, and why, to path (JSON); nothing where no sample can be bad.
+        Every process calls it."""
 
 
 class TeacherStudent:

@@ -84,8 +84,6 @@ class ComfyBackend:
         self.delta_dtype = torch.float16
         self.encoder = ComfyEncoder(self.base, self.clip, self.vae, args.checkpoint, self.architecture)
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        if args.buckets not in (None, "none") and args.grad_accum > 1:
-            raise ValueError("--buckets with --grad-accum > 1 is not supported yet: the noise is drawn per step")
         cfg = stream_config(args, batch_size=args.batch_size // world, rank=rank, world=world, seed=args.seed)
         self.data = EncodedStream(self.encoder, cfg, args.cache_latents)
         self._batches, self._next = None, None  # the stream, started on first use (after a resume state is loaded)
@@ -126,14 +124,13 @@ class ComfyBackend:
         self.data.stream.load_state_dict(states[rank])
         self._batches, self._next, self._taken = None, None, self.data.stream.state_dict()
 
-    def write_skip_report(self, path: Path) -> SkipReport:
+    def write_skip_report(self, path: Path) -> None:
         """The samples skipped so far by every process, as a JSON file (all processes call; process 0 writes)."""
         report = SkipReport()
         for part in gather(self.data.stream.report.entries):
             report.add(part)
         if not dist.is_initialized() or dist.get_rank() == 0:
             report.write(path)
-        return report
 
     def teacher_eps(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         """The teacher UNet at DDPM index round(t*1000) - 1 (published PFODESolver); v-prediction turned into eps."""

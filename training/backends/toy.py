@@ -92,3 +92,12 @@ class ToyBackend:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return latents
+
+    def data_state(self) -> None:
+        """None: a step's items are fixed by (seed, step) (training.engine.batch_indices)."""
+
+    def load_data_state(self, state: None) -> None:
+        pass
+
+    def write_skip_report(self, path: Path) -> None:
+        """No report: the toy data are decoded arrays, none can be skipped."""
