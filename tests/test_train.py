@@ -243,7 +243,7 @@ def test_two_processes_match_one_process(toy, tmp_path, recipe):
     train(args(toy, one, *common))
     proc = launch(*args(toy, two, *common))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 process(es), global batch 8" in (two / "train.log").read_text()
+    assert "2 process(es) (MULTI_CPU), global batch 8" in (two / "train.log").read_text()
     assert logged_losses(one) == pytest.approx(logged_losses(two), rel=1e-5)
     assert_same_training(one, two)
 
@@ -268,6 +268,54 @@ def test_accelerate_cpu_launch_of_two_processes_is_refused_with_the_command_that
     assert "2 process(es)" in (two / "train.log").read_text()
     train(args(toy, one, *common))
     assert_same_training(one, two)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what accelerate does on a machine without a GPU")
+def test_gpu_launch_on_a_machine_without_gpu_is_refused_naming_cpu(toy, tmp_path):
+    """`accelerate launch --multi_gpu` without --cpu: accelerate makes each process a separate one-process run."""
+    out = tmp_path / "run"
+    proc = launch(*[a for a in args(toy, out, "--steps", "2") if a != "--cpu"])
+    assert proc.returncode != 0 and "found no GPU" in proc.stderr and "add --cpu" in proc.stderr, proc.stderr[-3000:]
+    assert not out.exists()
+
+
+def test_fsdp_example_config_parses_and_wraps_the_comfy_unet_blocks():
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    from training.backends.comfy import ComfyBackend
+
+    cfg = load_config_from_file(str(REPO / "docs" / "fsdp_sdxl_8gpu.yaml"))
+    assert cfg.distributed_type == DistributedType.FSDP and cfg.num_processes == 8 and cfg.mixed_precision == "bf16"
+    assert cfg.fsdp_config["fsdp_sharding_strategy"] == "FULL_SHARD"
+    assert tuple(cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(",")) == ComfyBackend.checkpoint_blocks
+
+
+def test_fsdp_launch_is_refused_before_out_is_touched(toy, tmp_path):
+    """The example FSDP config through accelerate's launcher (2 processes here): refused with the reason, as the
+    trainer's checkpoints and exports cannot read sharded parameters yet."""
+    out = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "docs" / "fsdp_sdxl_8gpu.yaml"),
+    ]
+    cmd += ["--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(port)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [*cmd, "-m", "training.train", *args(toy, out, "--steps", "2")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0 and "error: FSDP is not supported yet" in proc.stderr, proc.stderr[-3000:]
+    assert not out.exists()
 
 
 def test_two_process_resume_with_grad_accumulation_is_exact(toy, tmp_path):

@@ -1,5 +1,5 @@
-"""One reflow optimisation step under Hugging Face accelerate (one CPU, N GPUs, several machines, FSDP through an
-accelerate config), with the state a checkpoint keeps. Used by `training.train` and the toy benchmark.
+"""One reflow optimisation step under Hugging Face accelerate (one CPU, N GPUs, several machines; training.train
+refuses FSDP for now), with the state a checkpoint keeps. Used by `training.train` and the toy benchmark.
 
 A step's global batch is batch_size x grad_accum items, drawn from one generator seeded by (seed, step): dataset
 indices, timepoints, noise and the CFG-dropout mask. Micro-batch i is its i-th slice of batch_size items, split over

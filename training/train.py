@@ -259,12 +259,37 @@ def refuse_single_process_cpu_launch(argv: list[str]) -> None:
     )
 
 
+def refuse_fsdp() -> None:
+    """An accelerate FSDP config (ACCELERATE_USE_FSDP, set by `accelerate launch`) is refused before accelerate reads
+    it: the trainer's checkpoints, EMA and exports read whole parameters, which FSDP shards. (On CPUs accelerate
+    1.15 would not even use it: its FSDP plugin needs a GPU, and a CPU run gets DDP, accelerate/state.py.)"""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        raise UserError(
+            "FSDP is not supported yet: the trainer's checkpoints, EMA and exports read whole parameters, which FSDP "
+            "shards. Use DDP (accelerate launch --multi_gpu) with --lora-rank, or with --mixed-precision bf16 and "
+            "--gradient-checkpointing for a full UNet (docs/training-multi-gpu.md)"
+        )
+
+
+def check_distributed_setup(accelerator: Accelerator, argv: list[str]) -> None:
+    """Refuse, before --out is touched, a run that accelerate set up otherwise than its launch asked."""
+    env = os.environ
+    if accelerator.num_processes == 1:
+        refuse_single_process_cpu_launch(argv)
+        if int(env.get("WORLD_SIZE", "1")) > 1:  # `accelerate launch --multi_gpu` on a machine without a GPU
+            raise UserError(
+                f"the launcher started {env['WORLD_SIZE']} processes, but accelerate found no GPU and set each up as "
+                "a separate single-process run; for processes on CPUs add --cpu to the trainer's options"
+            )
+
+
 def train(argv: list[str] | None = None) -> dict:
     """Run (or resume) a training job; returns a summary dict (also written to metrics.json)."""
     args = build_parser().parse_args(argv)
     rcfg = validate_args(args)
     if args.mixed_precision == "fp16" and (args.cpu or not torch.cuda.is_available()):
         raise UserError("--mixed-precision fp16 needs a GPU; use bf16 on the CPU")
+    refuse_fsdp()
     AcceleratorState._reset_state()  # a new run in the same Python process (tests) may change these settings
     GradientState._reset_state()
     accelerator = Accelerator(
@@ -274,8 +299,7 @@ def train(argv: list[str] | None = None) -> dict:
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(args.out), logging_dir=str(args.out / "logs")),
     )
-    if accelerator.num_processes == 1:
-        refuse_single_process_cpu_launch(sys.argv[1:] if argv is None else argv)
+    check_distributed_setup(accelerator, sys.argv[1:] if argv is None else argv)
     if args.batch_size % accelerator.num_processes:
         raise UserError(
             f"--batch-size must be a multiple of the process count ({accelerator.num_processes}); got {args.batch_size}"
@@ -347,8 +371,8 @@ def run_training(args, rcfg: reflow.ReflowConfig, accelerator: Accelerator) -> d
     accelerator.init_trackers("perflow", config=config)
     log.info("config %s", json.dumps(config, sort_keys=True))
     log.info(
-        "%d process(es), global batch %d x %d accumulation, %d items, device %s, %s",
-        world, args.batch_size, args.grad_accum, len(backend), accelerator.device,
+        "%d process(es) (%s), global batch %d x %d accumulation, %d items, device %s, %s",
+        world, accelerator.distributed_type.value, args.batch_size, args.grad_accum, len(backend), accelerator.device,
         f"LoRA rank {args.lora_rank}" if args.lora_rank else "full UNet",
     )  # fmt: skip
     stop = StopRequest()
