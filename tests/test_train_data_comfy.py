@@ -111,22 +111,22 @@ def _taken(out) -> list[list[dict]]:
 
 
 def test_two_processes_split_the_shards_and_resume_exactly(ckpts, tmp_path):
-    """2 processes x 2 DataLoader workers over 8 shards of 2 samples, 1 sample per process per step: the first 8
-    steps are one epoch, in which every sample is trained on exactly once; a run stopped at step 3 and resumed
-    takes the same samples in the same order on each process and ends with the same delta."""
-    items = datagen.samples(16, with_bad=False)
+    """2 processes x 2 DataLoader workers over 4 shards of 2 samples, 1 sample per process per step: the first 4
+    steps are one epoch, in which every sample is trained on exactly once; a run stopped at step 2 and resumed
+    takes the same samples in the same order on each process (into the next epoch) and ends with the same delta."""
+    items = datagen.samples(8, with_bad=False)
     data = datagen.write_shards(items, tmp_path / "shards", per_shard=2)
-    extra = ["--steps", "10", "--data-workers", "2", "--shuffle-buffer", "2"]
+    extra = ["--steps", "6", "--data-workers", "2", "--shuffle-buffer", "2"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    for out, more in ((whole, ()), (parts, ("--stop-at-step", "3")), (parts, ("--resume",))):
+    for out, more in ((whole, ()), (parts, ("--stop-at-step", "2")), (parts, ("--resume",))):
         proc = _launch(*_argv(ckpts["sd15"], data, out, *extra, *more))
         assert proc.returncode == 0, proc.stderr[-3000:]
     taken = _taken(whole)
-    assert [len(t) for t in taken] == [10, 10]
-    first_epoch = [k for t in taken for b in t[:8] for k in b["keys"]]
-    assert all(b["epoch"] == 0 for t in taken for b in t[:8])
+    assert [len(t) for t in taken] == [6, 6]
+    first_epoch = [k for t in taken for b in t[:4] for k in b["keys"]]
+    assert all(b["epoch"] == 0 for t in taken for b in t[:4]) and all(b["epoch"] == 1 for t in taken for b in t[4:])
     assert sorted(k.split(":")[-1] for k in first_epoch) == sorted(key for key, _ in items)
-    shards = [{k.rsplit(":", 1)[0] for b in t[:8] for k in b["keys"]} for t in taken]
+    shards = [{k.rsplit(":", 1)[0] for b in t[:4] for k in b["keys"]} for t in taken]
     assert not shards[0] & shards[1]  # each shard is read by one process
     assert _taken(parts) == taken
     a = load_file(whole / "perflow_delta.safetensors")
