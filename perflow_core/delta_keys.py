@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .architecture import ARCH_NAMES, guess_architecture
+from .architecture import ARCH_NAMES, FLOW_ARCHITECTURES, guess_architecture
 from .delta_format import FORMAT_NAME, LORA_FORMAT_NAME, DeltaMetadata
 from .parameterization import PARAMETERIZATIONS
 from .safetensors_file import DeltaFileError, Header, TensorInfo, iter_tensors, read_header
@@ -61,14 +61,17 @@ def keeps_key(style: str) -> Callable[[str], bool]:
 def looks_merged(tensors: dict[str, torch.Tensor]) -> bool:
     """True when normalization weights average near 1 (a full model); near 0 (or none found) means a delta."""
     means = [
-        t.float().mean().item() for k, t in tensors.items() if t.ndim == 1 and k.endswith("weight") and _is_norm(k)
+        t.float().mean().item()
+        for k, t in tensors.items()
+        if t.ndim == 1 and k.endswith(("weight", "scale")) and _is_norm(k)  # Flux's RMS norms hold a `scale`
     ]
     return bool(means) and sorted(means)[len(means) // 2] > _MERGED_NORM_MEAN
 
 
 def _is_norm(key: str) -> bool:
     parts = key.split(".")
-    return any("norm" in p for p in parts) or ".in_layers.0." in key or ".out_layers.0." in key
+    mmdit_qk = ".ln_q." in key or ".ln_k." in key  # SD3.5's RMS q/k norms
+    return any("norm" in p for p in parts) or ".in_layers.0." in key or ".out_layers.0." in key or mmdit_qk
 
 
 def detect_format(style: str, tensors: dict[str, torch.Tensor]) -> str:
@@ -203,6 +206,8 @@ def resolve_parameterization(choice: str, fmt: str, arch: str, metadata: DeltaMe
         return metadata.parameterization, note
     if choice != "auto":
         return choice, ""
+    if arch in FLOW_ARCHITECTURES:
+        return "velocity", f"a PeRFlow file of a flow-matching {ARCH_NAMES[arch]} model predicts velocity"
     if fmt == "diffusers_delta" and arch == "sd15":
         return "diff_eps", "the published SD1.5 delta uses diff_eps"
     raise ValueError(
@@ -273,3 +278,44 @@ def read_weight_file(path: str | os.PathLike) -> WeightFile:
         )
     tensors = dict(iter_tensors(path, header, keep))
     return WeightFile(os.fspath(path), detect_format(style, tensors), arch, tensors, metadata)
+
+
+FLOW_SHIFT_RTOL = 1e-3  # a sampling shift this close to the trained one places the same windows
+
+
+def check_time_kind(wf: WeightFile, model_is_flow: bool, model_name: str) -> None:
+    """A flow-model PeRFlow file (time_kind flow, or SD3/Flux shapes) only on a rectified-flow model, an SD-family
+    file only on an SD-family model: else DeltaFileError naming the model to connect."""
+    file_is_flow = wf.metadata.is_flow if wf.metadata is not None else wf.architecture in FLOW_ARCHITECTURES
+    if file_is_flow == model_is_flow:
+        return
+    file_name = ARCH_NAMES[wf.architecture]
+    if file_is_flow:
+        raise DeltaFileError(
+            wf.path,
+            f"it is a PeRFlow file for a rectified-flow (flow-matching) {file_name} model, but the connected model "
+            f"is {model_name}, a diffusion model; nothing was applied",
+            f"connect the {file_name} model it was trained for (UNETLoader or a checkpoint loader), or pick a "
+            f"PeRFlow file made for {model_name}",
+        )
+    raise DeltaFileError(
+        wf.path,
+        f"it is a PeRFlow file for the Stable Diffusion family ({file_name}, diffusion time), but the connected "
+        f"model is {model_name}, a rectified-flow (flow-matching) model; nothing was applied",
+        f"train a PeRFlow LoRA for this model (python -m training.train --backend comfy --checkpoint <its file>; "
+        f"README 'Flow-matching models'), or connect the {file_name} model the file was made for",
+    )
+
+
+def flow_shift_note(wf: WeightFile, model_shift: float) -> str:
+    """'' when a flow file's trained shift matches the model's sampling shift, else a note naming the fix (the
+    windows follow the model's shift, as every PeRFlow flow schedule does)."""
+    trained = wf.metadata.flow_shift if wf.metadata is not None else None
+    if trained is None or abs(model_shift - trained) <= FLOW_SHIFT_RTOL * trained:
+        return ""
+    return (
+        f"trained with windows at flow shift {trained:g} but this model samples at shift {model_shift:g}, so the "
+        f"windows move with it; to sample as trained, put ModelSamplingSD3 with shift {trained:g} (Flux: "
+        f"ModelSamplingFlux for a mu of ln {trained:g} = {math.log(trained):.4g}) before this node, or remove the "
+        "model-sampling node that changed the shift"
+    )
