@@ -93,10 +93,19 @@ def weight_patches(model, wf: WeightFile) -> tuple[dict, str]:
             )
         return patches, model_arch
     patches = {}
+    buffers = {"diffusion_model." + k for k, _ in model.model.diffusion_model.named_buffers()}
     for fkey, mkey in plan.pairs.items():
         t = wf.tensors.pop(fkey)  # one tensor at a time: a merged file becomes its own delta in place
         if wf.format.endswith("merged"):
             t = (t.float() - msd[mkey].to(device="cpu", dtype=torch.float32)).to(t.dtype)
+        if mkey in buffers:  # ComfyUI patches parameters only (SD3's pos_embed is a buffer)
+            if t.any():
+                raise DeltaFileError(
+                    wf.path,
+                    f"it changes {fkey}, a fixed buffer of the model that ComfyUI's weight patches never reach",
+                    "export the file again without that key (a trained delta leaves it at zero)",
+                )
+            continue
         patches[mkey] = ("diff", (t,))
     return patches, model_arch
 

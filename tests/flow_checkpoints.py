@@ -154,3 +154,15 @@ def conditioning(family: str, batch: int = 1, seed: int = 0, guidance: float | N
     if guidance is not None:
         extra["guidance"] = guidance
     return [[torch.randn(batch, tokens, width, generator=gen), extra]]
+
+
+def load_model(family: str, seed: int = 0):
+    """The family's small model as ComfyUI's UNETLoader node loads it (ComfyUI set up by comfy_env)."""
+    import comfy_env
+
+    name = comfy_env.add_model_file("diffusion_models", model_path(family, seed))
+    with small_flux_detection():
+        model = comfy_env.call("UNETLoader", unet_name=name, weight_dtype="default")[0]
+    if type(model.model.model_config).__name__ != CONFIG_CLASS[family]:
+        raise RuntimeError(f"ComfyUI detected {type(model.model.model_config).__name__}, not {CONFIG_CLASS[family]}")
+    return model

@@ -26,14 +26,7 @@ def models():
     comfy_env.load_pack()
     import flow_checkpoints as fc
 
-    out = {}
-    for family in ("sd3", "flux"):
-        name = comfy_env.add_model_file("diffusion_models", fc.model_path(family))
-        with fc.small_flux_detection():
-            out[family] = comfy_env.call("UNETLoader", unet_name=name, weight_dtype="default")[0]
-    assert type(out["sd3"].model.model_config).__name__ == "SD3"
-    assert type(out["flux"].model.model_config).__name__ == "Flux"
-    return out
+    return {family: fc.load_model(family) for family in ("sd3", "flux")}
 
 
 def conds(family, guidance=None):
