@@ -59,12 +59,17 @@ def test_euler_is_exact_for_constant_and_heun_for_linear_velocity():
     c = torch.randn(3, 1, 2, 2)
     sigmas = shifted_sigmas(5, 3.0)
     assert torch.allclose(flow_ode_solve(lambda x_, s: c, x, sigmas), x - c, atol=1e-6)  # from s = 1 to 0
-    # dx/ds = s: x(0) = x(1) - 1/2; Heun (trapezoid) is exact, Euler misses by sum of s_i (s_i - s_(i+1)) - 1/2
+    # dx/ds = s: exact x(s') = x(s) - (s^2 - s'^2) / 2. Heun (trapezoid) is exact but on the last step to s = 0,
+    # an Euler step there (s (s - 0) instead of s^2 / 2); Euler misses by s_i (s_i - s_(i+1)) on every step.
     heun = flow_ode_solve(lambda x_, s: s.view(-1, 1, 1, 1).expand_as(x_), x, sigmas, "heun")
     euler = flow_ode_solve(lambda x_, s: s.view(-1, 1, 1, 1).expand_as(x_), x, sigmas, "euler")
-    assert torch.allclose(heun, x - 0.5, atol=1e-6)
     s = sigmas.double()
+    last = s[-2].item()
+    assert torch.allclose(heun, x - (1 - last**2) / 2 - last**2, atol=1e-6)
     assert torch.allclose(euler - x, -(s[:-1] * (s[:-1] - s[1:])).sum().float().expand_as(x), atol=1e-6)
+    evaluations = []
+    flow_ode_solve(lambda x_, s: evaluations.append(s) or c, x, sigmas, "heun")
+    assert len(evaluations) == 2 * 5 - 1 and all((s > 0).all() for s in evaluations)
 
 
 def test_teacher_solve_is_per_item_and_guided():

@@ -125,7 +125,7 @@ def flow_ode_solve(
 ) -> torch.Tensor:
     """Integrate dx/ds = velocity_fn(x, s per item [B]) from x at sigmas[0] through sigmas [N+1] (one schedule) or
     [N+1, B] (one per item). euler: flow_euler_step; heun: Heun's 2nd order (Karras et al. 2022, Alg. 1), corrected
-    on every step including the last (a flow model is defined at s = 0), so 2 evaluations per step."""
+    on every step but one ending at s = 0, where the velocity eps - x0 is not predictable: 2N - 1 evaluations."""
     if sampler not in FLOW_SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(FLOW_SAMPLERS)}; got {sampler!r}")
     sigmas = sigmas.to(x.device, torch.float32)
@@ -133,7 +133,7 @@ def flow_ode_solve(
     for s_now, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
         v = velocity_fn(x, s_now).to(x.dtype)
         x_next = flow_euler_step(x, v, per_item(s_now, x), per_item(s_next, x))
-        if sampler == "heun":
+        if sampler == "heun" and bool((s_next > 0).all()):
             v_next = velocity_fn(x_next, s_next).to(x.dtype)
             x_next = flow_euler_step(x, (v + v_next) / 2, per_item(s_now, x), per_item(s_next, x))
         x = x_next
