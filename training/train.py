@@ -83,7 +83,12 @@ def build_parser() -> ArgumentParser:
         default=None,
         help="default: diff_eps; velocity (the only one) for a flow-matching teacher",
     )
-    a("--flow-shift", type=float, default=None, help="flow-matching teachers: time shift of the windows (default 1)")
+    a(
+        "--flow-shift",
+        type=float,
+        default=None,
+        help="flow-matching teachers: time shift of the windows (default: comfy the model sampling's own, toy 1)",
+    )
     a("--windows", type=int, default=4, help="number of time windows K")
     a("--solver-steps", type=int, default=4, help="teacher DDIM steps per window")
     a("--timestep-grid", type=int, default=1000, help="timepoints on a 1/N grid (published: 1000)")
@@ -184,7 +189,9 @@ def validate_args(args) -> reflow.ReflowConfig:
     return cfg
 
 
-def reflow_for_teacher(rcfg: reflow.ReflowConfig, args, time_kind: str) -> reflow.ReflowConfig:
+def reflow_for_teacher(
+    rcfg: reflow.ReflowConfig, args, time_kind: str, default_shift: float = 1.0
+) -> reflow.ReflowConfig:
     """The reflow config for the teacher's time kind: a flow-matching teacher trains the velocity parameterization
     on flow windows with --flow-shift (default 1); --flow-shift with a diffusion teacher is refused."""
     if time_kind != "flow":
@@ -196,7 +203,7 @@ def reflow_for_teacher(rcfg: reflow.ReflowConfig, args, time_kind: str) -> reflo
             f"--parameterization {args.parameterization}: a flow-matching teacher trains the velocity "
             "parameterization; leave --parameterization out or pass velocity"
         )
-    shift = 1.0 if args.flow_shift is None else args.flow_shift
+    shift = default_shift if args.flow_shift is None else args.flow_shift  # comfy: the model sampling's own shift
     flow = dataclasses.replace(rcfg, parameterization="velocity", time_kind="flow", flow_shift=shift)
     flow.validate()
     return flow
@@ -298,7 +305,9 @@ def run_training(args, rcfg: reflow.ReflowConfig, accelerator: Accelerator) -> d
         )
     torch.manual_seed(args.seed)  # LoRA adapters start from this seed
     backend = make_backend(args, accelerator.device)
-    rcfg = reflow_for_teacher(rcfg, args, getattr(backend, "time_kind", "diffusion"))
+    rcfg = reflow_for_teacher(
+        rcfg, args, getattr(backend, "time_kind", "diffusion"), getattr(backend, "flow_shift", 1.0)
+    )
     check_finite(backend.base_state_dict(), f"teacher {args.checkpoint or args.teacher}")
     if len(backend) < args.batch_size * args.grad_accum:
         raise UserError(
