@@ -120,11 +120,18 @@ class ComfyBackend:
                          FLOW_LORA_RANK)  # fmt: skip
                 args.lora_rank = FLOW_LORA_RANK
             self.checkpoint_blocks = CHECKPOINT_BLOCKS[self.architecture]
+            if self.architecture == "flux" and args.gradient_checkpointing:
+                raise UserError(
+                    "--gradient-checkpointing does not work with ComfyUI's Flux blocks (they add in place, so the "
+                    "recomputed activations differ); leave it out, and lower --batch-size or --resolution for memory"
+                )
         else:
             self.alphas_cumprod = (1 / (1 + self.base.model_sampling.sigmas.double().cpu() ** 2)).float()  # (1-a)/a
         self.device, self.resolution = device, args.resolution
         unet = self.base.diffusion_model.to(device)
         self.teacher_dtype = next(unet.parameters()).dtype
+        if self.time_kind == "flow" and self.base.manual_cast_dtype is not None:  # fp8-stored weights: compute dtype
+            self.teacher_dtype = self.base.manual_cast_dtype
         targets = LORA_TARGETS.get(self.architecture, COMFY_UNET_TARGETS)
         self.nets = TeacherStudent(unet, args.lora_rank, args.lora_alpha, targets)
         self.teacher, self.student = self.nets.teacher, self.nets.student
