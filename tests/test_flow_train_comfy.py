@@ -152,3 +152,18 @@ def test_the_teacher_is_the_models_own_velocity_as_comfyui_evaluates_it(comfy, i
     torch.testing.assert_close(ours, (x - denoised) / sigma[:, None, None, None], atol=1e-5, rtol=1e-4)
     if family == "flux":
         assert torch.equal(cond["guidance"], torch.full((2,), backend.FLUX_GUIDANCE))
+
+
+def test_gradient_checkpointing_on_flux_is_refused_naming_the_fix(comfy, images, tmp_path, monkeypatch):
+    import flow_checkpoints as fc
+
+    import training.backends.comfy as backend
+    from training.cli import UserError
+    from training.train import build_parser
+
+    monkeypatch.setattr(backend, "load_components", lambda path: (fc.load_model("flux"), StandInClip("flux"),
+                                                                     StandInVae()))  # fmt: skip
+    argv = ["--backend", "comfy", "--checkpoint", str(fc.model_path("flux")), "--data", str(images), "--out",
+            str(tmp_path / "run"), "--gradient-checkpointing", "--cpu"]  # fmt: skip
+    with pytest.raises(UserError, match="--gradient-checkpointing does not work with ComfyUI's Flux blocks"):
+        backend.ComfyBackend(build_parser().parse_args(argv), torch.device("cpu"))

@@ -633,9 +633,10 @@ def flux_dev_lora():
         "flux_dev_perflow_lora_4step",
         "PeRFlow Flux dev (PeRFlow LoRA), 4 steps",
         "Flux dev + a PeRFlow LoRA, applied by PeRFlow Delta Loader: the model keeps its own flow model sampling "
-        "(shift 1.15 = ModelSamplingFlux at 1024x1024, the shift the LoRA is trained at) and gains the LoRA's 4 "
-        "windows. Flux dev's distilled guidance stays FluxGuidance 3.5 (as trained); KSampler cfg 1.0 runs one "
-        "pass per step (the negative prompt is unused). Sampler and scheduler 'perflow', 4 steps, 1024x1024.\n"
+        "(mu 1.15, shift e^1.15: what ModelSamplingFlux gives at 1024x1024, and what the LoRA is trained at) and "
+        "gains the LoRA's 4 windows. Flux dev's distilled guidance stays FluxGuidance 3.5 (as trained); KSampler "
+        "cfg 1.0 runs one pass per step (the negative prompt is unused). Sampler and scheduler 'perflow', 4 steps, "
+        "1024x1024.\n"
         "NO SUCH LORA IS PUBLISHED: train your own once on one large GPU (README, Flow-matching models):\n"
         f"  {train_command(FLUX_DEV, 'flux-dev', '--batch-size 1')} as {FLUX_LORA_NAME}",
     )
