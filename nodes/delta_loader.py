@@ -10,8 +10,10 @@ from ..perflow_core.delta_keys import (
     WeightFile,
     check_time_kind,
     diffusers_key_map,
+    diffusers_lora_module,
     flow_shift_note,
     guess_architecture,
+    kohya_module,
     ldm_key_map,
     mismatch_error,
     plan_keys,
@@ -73,9 +75,10 @@ def weight_patches(model, wf: WeightFile) -> tuple[dict, str]:
     model_shapes = {k: tuple(v.shape) for k, v in msd.items() if k.startswith("diffusion_model.")}
     model_arch = guess_architecture(model_shapes)
     shapes = {k: tuple(t.shape) for k, t in wf.tensors.items()}
-    if wf.format == "kohya_lora":
+    if wf.format in ("kohya_lora", "diffusers_lora"):
         key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-        plan = plan_kohya(shapes, key_map, model_shapes)
+        module_of = kohya_module if wf.format == "kohya_lora" else diffusers_lora_module
+        plan = plan_kohya(shapes, key_map, model_shapes, module_of)
     elif wf.format.startswith("diffusers"):
         unet_config = model.model.model_config.unet_config
         plan = plan_keys(
@@ -85,7 +88,7 @@ def weight_patches(model, wf: WeightFile) -> tuple[dict, str]:
         plan = plan_keys(shapes, ldm_key_map(list(shapes)), model_shapes)
     if not plan.ok:
         raise mismatch_error(wf.path, plan, wf.architecture, model_arch)
-    if wf.format == "kohya_lora":
+    if wf.format in ("kohya_lora", "diffusers_lora"):
         patches = comfy.lora.load_lora(wf.tensors, key_map)
         if set(patches) != set(plan.pairs.values()):
             raise DeltaFileError(
@@ -177,7 +180,7 @@ class PeRFlowDeltaLoader(io.ComfyNode):
             "PeRFlow model: adds "
             "strength * dW through ComfyUI's own weight patches and sets PeRFlow model sampling. Reads PeRFlow delta "
             "files, the published diffusers-format delta, merged PeRFlow UNets (dW = merged - connected model) and "
-            "kohya LoRAs (UNet part). Refuses files that do not fit the model (nothing applied) and pickle files "
+            "kohya LoRAs (UNet part), and diffusers transformer.* LoRAs of SD3 / Flux. Refuses files that do not fit the model (nothing applied) and pickle files "
             "(.ckpt/.pt/.bin). SD3 / Flux files (time_kind flow) keep the model's own model sampling and shift and "
             "add the windows.",
             inputs=[

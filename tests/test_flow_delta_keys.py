@@ -60,3 +60,37 @@ def test_merged_flow_transformers_are_told_from_deltas_by_their_norms():
     for norms in (flux_norms, mmdit_norms):
         assert looks_merged(norms)
         assert not looks_merged({k: torch.zeros_like(v) for k, v in norms.items()})
+
+
+def test_diffusers_transformer_loras_are_their_own_style_and_split_into_modules():
+    from perflow_core.delta_keys import detect_format, diffusers_lora_module, key_style
+
+    keys = ["transformer.transformer_blocks.0.attn.to_q.lora_A.weight", "text_encoder.x.lora_A.weight"]
+    assert key_style(keys, {}) == "diffusers_lora" and detect_format("diffusers_lora", {}) == "diffusers_lora"
+    assert diffusers_lora_module(keys[0]) == ("transformer.transformer_blocks.0.attn.to_q", "lora_down.weight")
+    assert diffusers_lora_module("transformer.a.lora_B.weight") == ("transformer.a", "lora_up.weight")
+    assert diffusers_lora_module("transformer.a.weird") == ("transformer.a.weird", "")
+    wf = weight_file("unknown", None)
+    wf.format = "diffusers_lora"
+    check_time_kind(wf, True, "Flux")  # a transformer LoRA without metadata goes on a flow model
+    with pytest.raises(DeltaFileError, match="rectified-flow"):
+        check_time_kind(wf, False, "SD1.5")
+
+
+def test_a_slice_target_of_a_fused_weight_is_checked_against_the_slice():
+    from perflow_core.delta_keys import diffusers_lora_module, plan_kohya
+
+    qkv = "diffusion_model.b.qkv.weight"
+    key_map = {
+        "transformer.b.to_q": (qkv, (0, 0, 8)),
+        "transformer.b.to_k": (qkv, (0, 8, 8)),
+        "transformer.n": (qkv, None, abs),
+    }
+    model = {qkv: (24, 8)}
+    good = {"transformer.b.to_q.lora_A.weight": (2, 8), "transformer.b.to_q.lora_B.weight": (8, 2)}
+    plan = plan_kohya(good, key_map, model, diffusers_lora_module)
+    assert plan.ok and plan.pairs == {"transformer.b.to_q": key_map["transformer.b.to_q"]}
+    wide = {"transformer.b.to_k.lora_A.weight": (2, 8), "transformer.b.to_k.lora_B.weight": (24, 2)}
+    assert plan_kohya(wide, key_map, model, diffusers_lora_module).mismatched  # 24 rows for an 8-row slice
+    whole = {"transformer.n.lora_A.weight": (2, 8), "transformer.n.lora_B.weight": (24, 2)}
+    assert plan_kohya(whole, key_map, model, diffusers_lora_module).ok  # (key, None, function): the whole weight

@@ -103,6 +103,25 @@ def kohya_lora(w: dict, seed: int = 3) -> dict:
     return lora
 
 
+def diffusers_lora(model, seed: int = 7) -> dict:
+    """A rank-4 diffusers/peft LoRA (transformer.<diffusers module>.lora_A/lora_B) for every matrix ComfyUI's own
+    key map reaches from a diffusers name, q/k/v slices of the fused qkv weights included."""
+    import comfy.lora
+
+    shapes = {k: tuple(v.shape) for k, v in model.model_state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    lora = {}
+    for name, target in comfy.lora.model_lora_keys_unet(model.model, {}).items():
+        key, offset = (target, None) if isinstance(target, str) else target[:2]
+        if not name.startswith("transformer.") or len(shapes.get(key, ())) != 2:
+            continue  # (the map also names layers this small model lacks, e.g. SD3.5's attn2 of every block)
+        out, inp = shapes[key]
+        out = offset[2] if offset is not None else out
+        lora[f"{name}.lora_A.weight"] = 0.1 * torch.randn(4, inp, generator=g)
+        lora[f"{name}.lora_B.weight"] = 0.1 * torch.randn(out, 4, generator=g)
+    return lora
+
+
 def load(model, name, strength=1.0, parameterization="auto"):
     return comfy_env.call(
         "PeRFlowDeltaLoader", model=model, delta_name=name, strength=strength, parameterization=parameterization,
@@ -145,6 +164,36 @@ def test_kohya_lora_matches_stock_lora_loader(flow, tmp_path):
     assert not differ, differ[:3]
     assert sum(not torch.equal(got[k], w[k]) for k in w) == n
     assert ours.get_model_object("model_sampling").perflow_num_windows == 4
+
+
+def test_diffusers_lora_matches_stock_lora_loader(flow, tmp_path):
+    family, model, w = flow
+    lora = diffusers_lora(model)
+    path = tmp_path / f"perflow-{family}-diffusers-lora.safetensors"
+    save_file(lora, str(path), metadata=flow_metadata(family, "lora").to_metadata())
+    name = comfy_env.add_model_file("loras", path)
+    ours, summary = load(model, "loras/" + name, 0.7)
+    (stock,) = comfy_env.call("LoraLoaderModelOnly", model=model, lora_name=name, strength_model=0.7)
+    assert f"diffusers_lora, {NAMES[family]} file on {NAMES[family]} model; {len(lora) // 2} weights patched" in summary
+    with weights_as_run(ours) as got, weights_as_run(stock) as want:
+        differ = [k for k in w if not torch.equal(got[k], want[k])]
+        changed = [k for k in w if not torch.equal(got[k], w[k])]
+    assert not differ, differ[:3]
+    assert any(k.endswith("qkv.weight") for k in changed) and len(changed) > 10
+    assert ours.get_model_object("model_sampling").perflow_num_windows == 4
+
+
+@pytest.mark.parametrize("flow", ["sd3"], indirect=True)
+def test_a_diffusers_lora_for_another_model_is_refused(loader, flow, tmp_path):
+    family, model, _ = flow
+    lora = diffusers_lora(model)
+    lora = {k: torch.cat([t, t]) if k.endswith("lora_B.weight") else t for k, t in lora.items()}  # twice as wide
+    path = tmp_path / "perflow-wide-diffusers-lora.safetensors"
+    save_file(lora, str(path), metadata=flow_metadata(family, "lora").to_metadata())
+    name = comfy_env.add_model_file("loras", path)
+    with pytest.raises(loader.DeltaFileError, match="differ in shape"):
+        load(model, "loras/" + name)
+    assert not model.patches
 
 
 @pytest.mark.parametrize("flow", ["sd3"], indirect=True)
