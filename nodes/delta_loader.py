@@ -177,12 +177,11 @@ class PeRFlowDeltaLoader(io.ComfyNode):
             category=CATEGORY,
             search_aliases=["delta", "lora", "perflow lora", "load perflow"],
             description="Turns an SD1.5 / SD2.1 / SDXL, SD3 / SD3.5 or Flux model (base or fine-tune) into a few-step "
-            "PeRFlow model: adds "
-            "strength * dW through ComfyUI's own weight patches and sets PeRFlow model sampling. Reads PeRFlow delta "
-            "files, the published diffusers-format delta, merged PeRFlow UNets (dW = merged - connected model) and "
-            "kohya LoRAs (UNet part), and diffusers transformer.* LoRAs of SD3 / Flux. Refuses files that do not fit the model (nothing applied) and pickle files "
-            "(.ckpt/.pt/.bin). SD3 / Flux files (time_kind flow) keep the model's own model sampling and shift and "
-            "add the windows.",
+            "PeRFlow model: adds strength * dW through ComfyUI's own weight patches and sets PeRFlow model sampling. "
+            "Reads PeRFlow delta files, the published diffusers-format delta, merged PeRFlow UNets (dW = merged - "
+            "connected model), kohya LoRAs (UNet part) and diffusers transformer.* LoRAs of SD3 / Flux. Refuses "
+            "files that do not fit the model (nothing applied) and pickle files (.ckpt/.pt/.bin). SD3 / Flux files "
+            "(time_kind flow) keep the model's own model sampling and shift and add the windows.",
             inputs=[
                 io.Model.Input("model", tooltip="The base model or fine-tune (same family as the PeRFlow file)."),
                 io.Combo.Input(
