@@ -3,17 +3,18 @@
 from comfy_api.latest import io
 
 from ..perflow_core.cfg_schedule import cfg_at, parse_cfg_list, ramp_cfg_scales, window_cfg_scales
-from .common import CATEGORY, perflow_model_sampling, schema
+from .common import CATEGORY, model_windows, schema
 
 
-def with_cfg_schedule(model, scales: list[float]):
-    """A clone of `model` whose guider uses scales[window of t] at each step (PREDICT_NOISE wrapper)."""
+def with_cfg_schedule(model, scales: list[float], flow_shift: float | None = None):
+    """A clone of `model` whose guider uses scales[window of t] at each step (PREDICT_NOISE wrapper); flow_shift
+    places the windows in a rectified-flow model's sigma."""
     import comfy.patcher_extension
 
     def per_window_cfg(executor, x, timestep, model_options={}, seed=None):  # noqa: B006 (ComfyUI's signature)
         guider = executor.class_obj
         cfg = guider.cfg
-        guider.cfg = cfg_at(scales, timestep)  # exactly 1.0 lets ComfyUI skip the unconditional pass
+        guider.cfg = cfg_at(scales, timestep, flow_shift)  # exactly 1.0 lets ComfyUI skip the unconditional pass
         try:
             return executor(x, timestep, model_options, seed)
         finally:
@@ -34,7 +35,9 @@ class PeRFlowCFGSchedule(io.ComfyNode):
             search_aliases=["cfg schedule", "guidance schedule", "per-window cfg"],
             description="Per-window classifier-free guidance for PeRFlow models. Replaces the sampler's cfg value. "
             "Windows whose scale is exactly 1.0 skip the unconditional pass, so '7,1,1,1' costs 5 UNet evaluations "
-            "instead of 8 at 4 steps. Works with KSampler, SamplerCustom and any CFGGuider-based node.",
+            "instead of 8 at 4 steps. Works with KSampler, SamplerCustom and any CFGGuider-based node. SD3: real "
+            "CFG per window. Flux dev: its distilled guidance (FluxGuidance) stays as set in every window; scales "
+            "above 1 add real CFG on top of it (two passes), 1.0 keeps one pass per step.",
             inputs=[
                 io.Model.Input("model", tooltip="A PeRFlow model (after PeRFlow Model Sampling or Delta Loader)."),
                 io.Combo.Input(
@@ -64,9 +67,9 @@ class PeRFlowCFGSchedule(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, mode, cfg_list, ramp_start, ramp_end) -> io.NodeOutput:
-        num_windows = perflow_model_sampling(model).num_windows
+        num_windows, flow_shift = model_windows(model)
         if mode == "ramp":
             scales = ramp_cfg_scales(ramp_start, ramp_end, num_windows)
         else:
             scales = window_cfg_scales(parse_cfg_list(cfg_list), num_windows)
-        return io.NodeOutput(with_cfg_schedule(model, scales))
+        return io.NodeOutput(with_cfg_schedule(model, scales, flow_shift))

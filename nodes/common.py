@@ -7,11 +7,13 @@ NodeOutput, ComfyExtension, the comfy_entrypoint loader) is in `latest` as relea
 this pack accepts) and in 0.3.64.
 """
 
+import copy
 import dataclasses
 import logging
 
-from ..perflow_core.model_sampling import PeRFlowModelSampling
-from ..perflow_core.sampling_guard import check_perflow_sampling
+from ..perflow_core.model_sampling import FLOW_WINDOWS_ATTR, PeRFlowModelSampling, flow_shift_of
+from ..perflow_core.sampling_guard import perflow_windows
+from ..perflow_core.windows import check_num_windows
 
 log = logging.getLogger("perflow")
 
@@ -57,13 +59,46 @@ def schema(**fields):
     return io.Schema(**fields)
 
 
-def perflow_model_sampling(model) -> PeRFlowModelSampling:
-    """The model's PeRFlow sampling object, or a clear error naming the node to add."""
-    return check_perflow_sampling(model.get_model_object("model_sampling"), ADD_SAMPLING_HINT)
+def model_windows(model) -> tuple[int, float | None]:
+    """(K, flow shift) of a PeRFlow model (shift None for the SD family), or a clear error naming the node to add."""
+    return perflow_windows(model.get_model_object("model_sampling"), ADD_SAMPLING_HINT)
+
+
+def is_flow_model(model) -> bool:
+    """True for a rectified-flow model (ComfyUI's CONST model sampling: SD3, Flux, ...)."""
+    import comfy.model_sampling
+
+    return isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST)
+
+
+def with_flow_windows(model, parameterization: str, num_windows: int):
+    """A clone of a rectified-flow `model` whose own model sampling (copied, noise definition and shift untouched)
+    carries K: the PeRFlow schedule, sampler and CFG schedule read it; the Euler step is the model's own."""
+    if parameterization != "velocity":
+        raise ValueError(
+            f"this is a rectified-flow model ({model_family(model)}): it predicts a velocity, so PeRFlow's "
+            f"parameterization must be 'velocity', not {parameterization!r}. Set parameterization to velocity"
+        )
+    check_num_windows(num_windows)
+    base = model.get_model_object("model_sampling")
+    flow_shift_of(base)  # refuses a flow model sampling whose windows cannot be placed
+    marked = copy.deepcopy(base)
+    setattr(marked, FLOW_WINDOWS_ATTR, num_windows)
+    m = model.clone()
+    m.add_object_patch("model_sampling", marked)
+    return m
+
+
+def model_family(model) -> str:
+    """The ComfyUI model config name (SD15, SDXL, SD3, Flux, ...) for messages."""
+    return type(model.model.model_config).__name__
 
 
 def with_perflow_sampling(model, parameterization: str, num_windows: int):
-    """A clone of `model` whose model sampling is PeRFlow's, with the base model's own noise table."""
+    """A clone of `model` whose model sampling is PeRFlow's, with the base model's own noise table; for a
+    rectified-flow model, its own model sampling marked with the windows (with_flow_windows)."""
+    if is_flow_model(model):
+        return with_flow_windows(model, parameterization, num_windows)
     base = model.get_model_object("model_sampling")
     if isinstance(base, PeRFlowModelSampling):
         alphas_cumprod = base.alphas_cumprod
@@ -71,8 +106,8 @@ def with_perflow_sampling(model, parameterization: str, num_windows: int):
         sigmas = getattr(base, "sigmas", None)
         if sigmas is None or sigmas.ndim != 1 or len(sigmas) != 1000 or float(sigmas[0]) <= 0:
             raise ValueError(
-                f"PeRFlow needs a Stable Diffusion 1.5 / 2.1 / XL model (1000-step discrete noise table); "
-                f"this model uses {type(base).__name__}. Load an SD-family checkpoint."
+                f"PeRFlow needs a Stable Diffusion 1.5 / 2.1 / XL model (1000-step discrete noise table) or a "
+                f"rectified-flow model (SD3, Flux); this model uses {type(base).__name__}. Load one of those."
             )
         alphas_cumprod = 1.0 / (1.0 + sigmas.float().cpu() ** 2)  # ComfyUI stores sigma = sqrt((1 - ac) / ac)
     m = model.clone()

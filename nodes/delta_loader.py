@@ -8,8 +8,12 @@ from comfy_api.latest import io
 from ..perflow_core.delta_keys import (
     ARCH_NAMES,
     WeightFile,
+    check_time_kind,
     diffusers_key_map,
+    diffusers_lora_module,
+    flow_shift_note,
     guess_architecture,
+    kohya_module,
     ldm_key_map,
     mismatch_error,
     plan_keys,
@@ -18,10 +22,11 @@ from ..perflow_core.delta_keys import (
     resolve_num_windows,
     resolve_parameterization,
 )
+from ..perflow_core.model_sampling import flow_shift_of
 from ..perflow_core.number_parsing import finite
 from ..perflow_core.parameterization import PARAMETERIZATIONS
 from ..perflow_core.safetensors_file import DeltaFileError, read_header
-from .common import CATEGORY, log, schema, with_perflow_sampling
+from .common import CATEGORY, is_flow_model, log, model_family, schema, with_perflow_sampling
 
 FOLDER = "perflow"
 LORA_PREFIX = "loras/"
@@ -70,9 +75,10 @@ def weight_patches(model, wf: WeightFile) -> tuple[dict, str]:
     model_shapes = {k: tuple(v.shape) for k, v in msd.items() if k.startswith("diffusion_model.")}
     model_arch = guess_architecture(model_shapes)
     shapes = {k: tuple(t.shape) for k, t in wf.tensors.items()}
-    if wf.format == "kohya_lora":
+    if wf.format in ("kohya_lora", "diffusers_lora"):
         key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-        plan = plan_kohya(shapes, key_map, model_shapes)
+        module_of = kohya_module if wf.format == "kohya_lora" else diffusers_lora_module
+        plan = plan_kohya(shapes, key_map, model_shapes, module_of)
     elif wf.format.startswith("diffusers"):
         unet_config = model.model.model_config.unet_config
         plan = plan_keys(
@@ -82,7 +88,7 @@ def weight_patches(model, wf: WeightFile) -> tuple[dict, str]:
         plan = plan_keys(shapes, ldm_key_map(list(shapes)), model_shapes)
     if not plan.ok:
         raise mismatch_error(wf.path, plan, wf.architecture, model_arch)
-    if wf.format == "kohya_lora":
+    if wf.format in ("kohya_lora", "diffusers_lora"):
         patches = comfy.lora.load_lora(wf.tensors, key_map)
         if set(patches) != set(plan.pairs.values()):
             raise DeltaFileError(
@@ -90,10 +96,19 @@ def weight_patches(model, wf: WeightFile) -> tuple[dict, str]:
             )
         return patches, model_arch
     patches = {}
+    buffers = {"diffusion_model." + k for k, _ in model.model.diffusion_model.named_buffers()}
     for fkey, mkey in plan.pairs.items():
         t = wf.tensors.pop(fkey)  # one tensor at a time: a merged file becomes its own delta in place
         if wf.format.endswith("merged"):
             t = (t.float() - msd[mkey].to(device="cpu", dtype=torch.float32)).to(t.dtype)
+        if mkey in buffers:  # ComfyUI patches parameters only (SD3's pos_embed is a buffer)
+            if t.any():
+                raise DeltaFileError(
+                    wf.path,
+                    f"it changes {fkey}, a fixed buffer of the model that ComfyUI's weight patches never reach",
+                    "export the file again without that key (a trained delta leaves it at zero)",
+                )
+            continue
         patches[mkey] = ("diff", (t,))
     return patches, model_arch
 
@@ -103,6 +118,8 @@ def load_delta(model, path: str, strength: float, parameterization: str, num_win
     strength = finite(strength, "strength")
     wf = read_weight_file(path)
     log.info("PeRFlow: %s is a %s file (%s)", os.path.basename(path), wf.format, ARCH_NAMES[wf.architecture])
+    flow = is_flow_model(model)
+    check_time_kind(wf, flow, model_name(model))
     try:
         param, p_note = resolve_parameterization(parameterization, wf.format, wf.architecture, wf.metadata)
     except ValueError as e:
@@ -122,6 +139,10 @@ def load_delta(model, path: str, strength: float, parameterization: str, num_win
     accepted = patched.add_patches(patches, strength)
     if len(accepted) != len(patches):
         raise DeltaFileError(path, f"ComfyUI accepted {len(accepted)} of {len(patches)} patches", "report this")
+    out = with_perflow_sampling(patched, param, windows)
+    shift_note = flow_shift_note(wf, flow_shift_of(out.get_model_object("model_sampling"))) if flow else ""
+    if shift_note:
+        log.warning("PeRFlow: %s: %s", os.path.basename(path), shift_note)
     summary = (
         f"{os.path.basename(path)}: {wf.format}, {ARCH_NAMES[wf.architecture]} file on {ARCH_NAMES[model_arch]} "
         f"model; {len(accepted)} weights patched at strength {strength:g}; parameterization {param}, "
@@ -129,13 +150,22 @@ def load_delta(model, path: str, strength: float, parameterization: str, num_win
     )
     if wf.metadata is not None:
         summary += f"; trained on base {wf.metadata.base_hash[:12]}"
-    summary += "".join(f"; {note}" for note in (p_note, w_note) if note)  # a guess or an overridden choice
+    if flow:
+        summary += f"; flow windows at shift {flow_shift_of(out.get_model_object('model_sampling')):.4g}"
+    summary += "".join(f"; {note}" for note in (p_note, w_note, shift_note) if note)  # guesses, overrides
     if wf.format == "kohya_lora":
         skipped = {k.split(".", 1)[0] for k in read_header(path).tensors if not k.startswith("lora_unet_")}
         if skipped:
             summary += f"; {len(skipped)} text-encoder LoRA modules skipped (this node patches the UNet only)"
     log.info("PeRFlow: %s", summary)
-    return with_perflow_sampling(patched, param, windows), summary
+    return out, summary
+
+
+def model_name(model) -> str:
+    """The connected model's family for messages: the architecture its weights show, else ComfyUI's config name."""
+    shapes = {k: tuple(v.shape) for k, v in model.model_state_dict().items() if k.startswith("diffusion_model.")}
+    arch = guess_architecture(shapes)
+    return ARCH_NAMES[arch] if arch != "unknown" else model_family(model)
 
 
 class PeRFlowDeltaLoader(io.ComfyNode):
@@ -146,11 +176,12 @@ class PeRFlowDeltaLoader(io.ComfyNode):
             display_name="PeRFlow Delta Loader",
             category=CATEGORY,
             search_aliases=["delta", "lora", "perflow lora", "load perflow"],
-            description="Turns an SD1.5 / SD2.1 / SDXL model (base or fine-tune) into a few-step PeRFlow model: adds "
-            "strength * dW through ComfyUI's own weight patches and sets PeRFlow model sampling. Reads PeRFlow delta "
-            "files, the published diffusers-format delta, merged PeRFlow UNets (dW = merged - connected model) and "
-            "kohya LoRAs (UNet part). Refuses files that do not fit the model (nothing applied) and pickle files "
-            "(.ckpt/.pt/.bin).",
+            description="Turns an SD1.5 / SD2.1 / SDXL, SD3 / SD3.5 or Flux model (base or fine-tune) into a few-step "
+            "PeRFlow model: adds strength * dW through ComfyUI's own weight patches and sets PeRFlow model sampling. "
+            "Reads PeRFlow delta files, the published diffusers-format delta, merged PeRFlow UNets (dW = merged - "
+            "connected model), kohya LoRAs (UNet part) and diffusers transformer.* LoRAs of SD3 / Flux. Refuses "
+            "files that do not fit the model (nothing applied) and pickle files (.ckpt/.pt/.bin). SD3 / Flux files "
+            "(time_kind flow) keep the model's own model sampling and shift and add the windows.",
             inputs=[
                 io.Model.Input("model", tooltip="The base model or fine-tune (same family as the PeRFlow file)."),
                 io.Combo.Input(

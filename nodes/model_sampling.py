@@ -17,15 +17,17 @@ class PeRFlowModelSampling(io.ComfyNode):
             description="Makes a merged PeRFlow model (weights already PeRFlow) sample as Piecewise Rectified Flow: "
             "the UNet gets t*1000 and the raw latent, and each step moves along a straight line inside its time "
             "window. Use the 'perflow' sampler and scheduler (or 'euler'). For a base model plus PeRFlow delta use "
-            "PeRFlow Delta Loader.",
+            "PeRFlow Delta Loader. On a rectified-flow model (SD3, Flux; parameterization velocity) the model keeps "
+            "its own model sampling and shift (put ModelSamplingSD3 / ModelSamplingFlux before this node) and "
+            "gains the K windows the PeRFlow schedule and CFG schedule use.",
             inputs=[
-                io.Model.Input("model", tooltip="A merged PeRFlow model (SD1.5, SD2.1 or SDXL family)."),
+                io.Model.Input("model", tooltip="A merged PeRFlow model (SD1.5, SD2.1, SDXL, SD3 or Flux family)."),
                 io.Combo.Input(
                     "parameterization",
                     options=list(PARAMETERIZATIONS),
                     default="diff_eps",
                     tooltip="How the network output is read: diff_eps (published SD1.5 deltas), ddim_eps "
-                    "(published SDXL models), velocity (published SD2.1 model).",
+                    "(published SDXL models), velocity (published SD2.1 model; every SD3 / Flux PeRFlow model).",
                 ),
                 io.Int.Input(
                     "num_windows", default=4, min=1, max=16, tooltip="Time windows K the model was trained with (4)."

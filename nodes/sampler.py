@@ -2,15 +2,17 @@
 
 from comfy_api.latest import io
 
+from ..perflow_core.flow_windows import flow_sigmas
 from ..perflow_core.sampling import sample_perflow
-from ..perflow_core.sampling_guard import check_perflow_sampling
+from ..perflow_core.sampling_guard import check_perflow_sampling, perflow_windows
 from ..perflow_core.schedule import perflow_sigmas, stock_scheduler_sigmas
-from .common import ADD_SAMPLING_HINT, SAMPLER_CATEGORY, SCHEDULER_CATEGORY, log, perflow_model_sampling, schema
+from .common import ADD_SAMPLING_HINT, SAMPLER_CATEGORY, SCHEDULER_CATEGORY, log, model_windows, schema
 
 
 def scheduler_sigmas(model_sampling, steps: int):
-    """The stock-scheduler handler: PeRFlow's schedule for a PeRFlow-patched model, a clear error otherwise."""
-    return stock_scheduler_sigmas(steps, check_perflow_sampling(model_sampling, ADD_SAMPLING_HINT).num_windows)
+    """The stock-scheduler handler: PeRFlow's schedule for a PeRFlow-patched model (SD family or rectified flow,
+    the latter at its model sampling's own shift), a clear error otherwise."""
+    return stock_scheduler_sigmas(steps, *perflow_windows(model_sampling, ADD_SAMPLING_HINT))
 
 
 def sample_perflow_checked(model, x, sigmas, extra_args=None, callback=None, disable=None):
@@ -48,7 +50,8 @@ class PeRFlowScheduler(io.ComfyNode):
             search_aliases=["sigmas", "schedule"],
             description="PeRFlow's step schedule (the published set_timesteps): steps spread over the model's time "
             "windows, noisiest windows first. Steps below the window count are raised to it. denoise < 1 keeps the "
-            "tail of a longer schedule, as ComfyUI's schedulers do, for img2img.",
+            "tail of a longer schedule, as ComfyUI's schedulers do, for img2img. For a rectified-flow model (SD3, "
+            "Flux) the windows and steps are in its own sigma, with the shift of its model sampling.",
             inputs=[
                 io.Model.Input("model", tooltip="A PeRFlow model; its time windows set the schedule."),
                 io.Int.Input("steps", default=4, min=1, max=1000, tooltip="Sampling steps; one per window is enough."),
@@ -59,7 +62,10 @@ class PeRFlowScheduler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, steps, denoise) -> io.NodeOutput:
-        return io.NodeOutput(perflow_sigmas(steps, perflow_model_sampling(model).num_windows, denoise))
+        num_windows, flow_shift = model_windows(model)
+        if flow_shift is None:
+            return io.NodeOutput(perflow_sigmas(steps, num_windows, denoise))
+        return io.NodeOutput(flow_sigmas(steps, num_windows, flow_shift, denoise))
 
 
 class PeRFlowSampler(io.ComfyNode):
@@ -71,7 +77,7 @@ class PeRFlowSampler(io.ComfyNode):
             category=SAMPLER_CATEGORY,
             search_aliases=["sampler", "euler"],
             description="The PeRFlow sampler: one straight-line (Euler) step per schedule entry, exactly the "
-            "published step.",
+            "published step (for SD3 / Flux: the model's own Euler step).",
             inputs=[],
             outputs=[io.Sampler.Output(tooltip="A sampler for SamplerCustom / SamplerCustomAdvanced.")],
         )

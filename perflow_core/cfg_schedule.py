@@ -2,6 +2,7 @@
 
 import torch
 
+from .flow_windows import flow_window_index
 from .number_parsing import finite, parse_float
 from .windows import check_num_windows, window_index
 
@@ -49,6 +50,10 @@ def ramp_cfg_scales(start: float, end: float, num_windows: int) -> list[float]:
     return [start + (end - start) * i / (num_windows - 1) for i in range(num_windows)]
 
 
-def cfg_at(scales: list[float], t: torch.Tensor) -> float:
-    """The guidance scale for time t (the noisiest t of a batch), taken from the window that holds it."""
-    return scales[int(window_index(torch.as_tensor(t).max(), len(scales)))]
+def cfg_at(scales: list[float], t: torch.Tensor, flow_shift: float | None = None) -> float:
+    """The guidance scale for time t (the noisiest t of a batch), taken from the window that holds it; with
+    flow_shift, t is a rectified-flow model's sigma and the windows are flow_window_sigmas(K, flow_shift)."""
+    t = torch.as_tensor(t).max()
+    if flow_shift is None:
+        return scales[int(window_index(t, len(scales)))]
+    return scales[int(flow_window_index(t, len(scales), flow_shift))]

@@ -7,17 +7,34 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .architecture import ARCH_NAMES, guess_architecture
+from .architecture import ARCH_NAMES, FLOW_ARCHITECTURES, guess_architecture
 from .delta_format import FORMAT_NAME, LORA_FORMAT_NAME, DeltaMetadata
 from .parameterization import PARAMETERIZATIONS
 from .safetensors_file import DeltaFileError, Header, TensorInfo, iter_tensors, read_header
 from .windows import DEFAULT_NUM_WINDOWS
 
-FORMATS = ("perflow_delta", "diffusers_delta", "diffusers_merged", "ldm_delta", "ldm_merged", "kohya_lora")
+FORMATS = (
+    "perflow_delta",
+    "diffusers_delta",
+    "diffusers_merged",
+    "ldm_delta",
+    "ldm_merged",
+    "kohya_lora",
+    "diffusers_lora",
+)
 LDM_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 _DIFFUSERS_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in.", "conv_out.", "time_embedding.")
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 _KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha", "diff", "diff_b")
+# diffusers / peft LoRAs of SD3 and Flux transformers: transformer.<diffusers module>.lora_A/lora_B (or down/up).
+DIFFUSERS_LORA_PREFIX = "transformer."
+_DIFFUSERS_LORA_PARTS = {
+    "lora_A.weight": "lora_down.weight",
+    "lora_B.weight": "lora_up.weight",
+    "lora_down.weight": "lora_down.weight",
+    "lora_up.weight": "lora_up.weight",
+    "alpha": "alpha",
+}
 _MERGED_NORM_MEAN = 0.5  # norm weights sit near 1 in a model and near 0 in a difference of two models
 
 
@@ -37,8 +54,12 @@ def key_style(keys: list[str], metadata: dict[str, str]) -> str:
         )
     if any(k.startswith("lora_unet_") for k in keys):
         return "kohya_lora"
+    if any(k.startswith(DIFFUSERS_LORA_PREFIX) and k.endswith(tuple(_DIFFUSERS_LORA_PARTS)) for k in keys):
+        return "diffusers_lora"
     if perflow_format == LORA_FORMAT_NAME:
-        raise ValueError("perflow_format is 'lora' but the file has no kohya lora_unet_* keys")
+        raise ValueError(
+            "perflow_format is 'lora' but the file has no kohya lora_unet_* or diffusers transformer.* keys"
+        )
     if any(k.startswith(LDM_PREFIXES) for k in keys):
         return "ldm"
     if any(k.removeprefix("unet.").startswith(_DIFFUSERS_ROOTS) for k in keys):
@@ -55,25 +76,30 @@ def keeps_key(style: str) -> Callable[[str], bool]:
         return lambda k: k.startswith(LDM_PREFIXES)
     if style == "kohya_lora":
         return lambda k: k.startswith("lora_unet_")
+    if style == "diffusers_lora":
+        return lambda k: k.startswith(DIFFUSERS_LORA_PREFIX)
     return lambda k: True
 
 
 def looks_merged(tensors: dict[str, torch.Tensor]) -> bool:
     """True when normalization weights average near 1 (a full model); near 0 (or none found) means a delta."""
     means = [
-        t.float().mean().item() for k, t in tensors.items() if t.ndim == 1 and k.endswith("weight") and _is_norm(k)
+        t.float().mean().item()
+        for k, t in tensors.items()
+        if t.ndim == 1 and k.endswith(("weight", "scale")) and _is_norm(k)  # Flux's RMS norms hold a `scale`
     ]
     return bool(means) and sorted(means)[len(means) // 2] > _MERGED_NORM_MEAN
 
 
 def _is_norm(key: str) -> bool:
     parts = key.split(".")
-    return any("norm" in p for p in parts) or ".in_layers.0." in key or ".out_layers.0." in key
+    mmdit_qk = ".ln_q." in key or ".ln_k." in key  # SD3.5's RMS q/k norms
+    return any("norm" in p for p in parts) or ".in_layers.0." in key or ".out_layers.0." in key or mmdit_qk
 
 
 def detect_format(style: str, tensors: dict[str, torch.Tensor]) -> str:
     """One of FORMATS, from the key style and (for diffusers/LDM keys) the weight statistics."""
-    if style in ("perflow_delta", "kohya_lora"):
+    if style in ("perflow_delta", "kohya_lora", "diffusers_lora"):
         return style
     return f"{style}_{'merged' if looks_merged(tensors) else 'delta'}"
 
@@ -122,29 +148,55 @@ def plan_keys(
     return plan
 
 
+def kohya_module(key: str) -> tuple[str, str]:
+    """(module, part) of a kohya LoRA key: 'lora_unet_x_y.lora_down.weight' -> ('lora_unet_x_y', 'lora_down.weight')."""
+    name, _, part = key.partition(".")
+    return name, part
+
+
+def diffusers_lora_module(key: str) -> tuple[str, str]:
+    """(module, part) of a diffusers/peft LoRA key, the part in kohya's words: 'transformer.a.to_q.lora_A.weight' ->
+    ('transformer.a.to_q', 'lora_down.weight'); a key with no known part keeps its whole name (and is refused)."""
+    for part, kohya_part in _DIFFUSERS_LORA_PARTS.items():
+        if key.endswith("." + part):
+            return key[: -len(part) - 1], kohya_part
+    return key, ""
+
+
 def plan_kohya(
-    shapes: dict[str, tuple[int, ...]], key_map: dict[str, str], model_shapes: dict[str, tuple[int, ...]]
+    shapes: dict[str, tuple[int, ...]],
+    key_map: dict,
+    model_shapes: dict[str, tuple[int, ...]],
+    module_of: Callable[[str], tuple[str, str]] = kohya_module,
 ) -> KeyPlan:
     """LoRA modules -> model keys. A module holds lora_down/lora_up (+ alpha), whose up @ down must give the
     weight's out x in size, or a full `diff` of the weight's shape; `diff_b` (a bias difference) may come with
-    either, as ComfyUI's LoRA loader reads them. Pairs: module -> weight key, module.diff_b -> bias key."""
+    either, as ComfyUI's LoRA loader reads them. Pairs: module -> weight key, module.diff_b -> bias key. A key-map
+    target may be (weight key, (dim, start, size)[, function]): a slice of a fused weight (ComfyUI's map of
+    diffusers q/k/v onto SD3 / Flux qkv), whose size replaces the weight's along dim; None for the whole weight."""
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, shape in shapes.items():
-        name, _, part = key.partition(".")
+        name, part = module_of(key)
         modules.setdefault(name, {})[part] = shape
     plan = KeyPlan()
     for name in sorted(modules):
         parts, target = modules[name], key_map.get(name)
+        if isinstance(target, tuple) and "diff_b" in parts:
+            target = None  # a bias slice of a fused weight: not a form ComfyUI reads
         down, up, diff = parts.get("lora_down.weight"), parts.get("lora_up.weight"), parts.get("diff")
         lora = down is not None and up is not None
         has_weight = lora or diff is not None
         well_formed = (
             (down is None) == (up is None) and not (lora and diff is not None) and not set(parts) - set(_KOHYA_PARTS)
         )
-        if target not in model_shapes or not well_formed or not (has_weight or "diff_b" in parts):
+        weight_key = target[0] if isinstance(target, tuple) else target
+        if weight_key not in model_shapes or not well_formed or not (has_weight or "diff_b" in parts):
             plan.unmapped.append(name)
             continue
-        w = tuple(model_shapes[target])
+        w = tuple(model_shapes[weight_key])
+        if isinstance(target, tuple) and target[1] is not None:  # (key, offset[, function]): offset is a slice
+            dim, _, size = target[1]
+            w = w[:dim] + (size,) + w[dim + 1 :]
         if diff is not None and tuple(diff) != w:
             plan.mismatched.append((name, tuple(diff), w))
         elif down is not None and ((up[0], math.prod(down[1:])) != (w[0], math.prod(w[1:])) or up[1] != down[0]):
@@ -203,6 +255,8 @@ def resolve_parameterization(choice: str, fmt: str, arch: str, metadata: DeltaMe
         return metadata.parameterization, note
     if choice != "auto":
         return choice, ""
+    if arch in FLOW_ARCHITECTURES:
+        return "velocity", f"a PeRFlow file of a flow-matching {ARCH_NAMES[arch]} model predicts velocity"
     if fmt == "diffusers_delta" and arch == "sd15":
         return "diff_eps", "the published SD1.5 delta uses diff_eps"
     raise ValueError(
@@ -236,7 +290,12 @@ def check_weight_tensors(path: str | os.PathLike, style: str, infos: dict[str, T
     """Before any data is read: a delta, model or LoRA holds floating-point tensors (a kohya `alpha` may be an
     integer scalar), and not only empty ones (docs/delta-format.md); raises DeltaFileError."""
     for key, info in infos.items():
-        integer_alpha = style == "kohya_lora" and key.endswith(".alpha") and info.shape == () and info.dtype != "BOOL"
+        integer_alpha = (
+            style in ("kohya_lora", "diffusers_lora")
+            and key.endswith(".alpha")
+            and info.shape == ()
+            and info.dtype != "BOOL"
+        )
         if info.dtype not in FLOAT_DTYPES and not integer_alpha:
             raise DeltaFileError(
                 path,
@@ -273,3 +332,47 @@ def read_weight_file(path: str | os.PathLike) -> WeightFile:
         )
     tensors = dict(iter_tensors(path, header, keep))
     return WeightFile(os.fspath(path), detect_format(style, tensors), arch, tensors, metadata)
+
+
+FLOW_SHIFT_RTOL = 1e-3  # a sampling shift this close to the trained one places the same windows
+
+
+def check_time_kind(wf: WeightFile, model_is_flow: bool, model_name: str) -> None:
+    """A flow-model PeRFlow file (time_kind flow, or SD3/Flux shapes) only on a rectified-flow model, an SD-family
+    file only on an SD-family model: else DeltaFileError naming the model to connect."""
+    if wf.metadata is not None:
+        file_is_flow = wf.metadata.is_flow
+    else:  # diffusers transformer.* LoRAs exist for the transformer (flow) families only
+        file_is_flow = wf.architecture in FLOW_ARCHITECTURES or wf.format == "diffusers_lora"
+    if file_is_flow == model_is_flow:
+        return
+    file_name = ARCH_NAMES[wf.architecture]
+    if file_is_flow:
+        raise DeltaFileError(
+            wf.path,
+            f"it is a PeRFlow file for a rectified-flow (flow-matching) {file_name} model, but the connected model "
+            f"is {model_name}, a diffusion model; nothing was applied",
+            f"connect the {file_name} model it was trained for (UNETLoader or a checkpoint loader), or pick a "
+            f"PeRFlow file made for {model_name}",
+        )
+    raise DeltaFileError(
+        wf.path,
+        f"it is a PeRFlow file for the Stable Diffusion family ({file_name}, diffusion time), but the connected "
+        f"model is {model_name}, a rectified-flow (flow-matching) model; nothing was applied",
+        f"train a PeRFlow LoRA for this model (python -m training.train --backend comfy --checkpoint <its file>; "
+        f"README 'Flow-matching models'), or connect the {file_name} model the file was made for",
+    )
+
+
+def flow_shift_note(wf: WeightFile, model_shift: float) -> str:
+    """'' when a flow file's trained shift matches the model's sampling shift, else a note naming the fix (the
+    windows follow the model's shift, as every PeRFlow flow schedule does)."""
+    trained = wf.metadata.flow_shift if wf.metadata is not None else None
+    if trained is None or abs(model_shift - trained) <= FLOW_SHIFT_RTOL * trained:
+        return ""
+    return (
+        f"trained with windows at flow shift {trained:g} but this model samples at shift {model_shift:g}, so the "
+        f"windows move with it; to sample as trained, put ModelSamplingSD3 with shift {trained:g} (Flux: "
+        f"ModelSamplingFlux for a mu of ln {trained:g} = {math.log(trained):.4g}) before this node, or remove the "
+        "model-sampling node that changed the shift"
+    )

@@ -2,6 +2,7 @@
 
 import torch
 
+from .flow_windows import time_shift
 from .noising import straight_line_latent
 from .number_parsing import finite
 from .parameterization import check_parameterization, velocity_from_table, window_table
@@ -102,3 +103,35 @@ class PeRFlowModelSampling(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"parameterization={self.parameterization}, num_windows={self.num_windows}"
+
+
+# Rectified-flow models (SD3, Flux, ...) keep their own model sampling: x_s = (1 - s) x0 + s eps, the network predicts
+# v = eps - x0 at the shifted sigma s, and ComfyUI's Euler step is already PeRFlow's straight step. A PeRFlow flow
+# model is that model sampling, copied, with this attribute holding K (the noise definition is untouched).
+FLOW_WINDOWS_ATTR = "perflow_num_windows"
+_SHIFT_PROBES = (0.1, 0.25, 0.75, 0.9)  # percents at which the shift form is checked
+_SHIFT_RTOL = 1e-4
+
+
+def flow_shift_of(model_sampling) -> float:
+    """The time shift of a rectified-flow model sampling in SD3's convention, read from its own percent_to_sigma:
+    sigma at unshifted time 0.5 is shift / (1 + shift). ComfyUI's ModelSamplingDiscreteFlow (SD3: its `shift`) and
+    ModelSamplingFlux (Flux: exp of its `shift`, which ModelSamplingFlux sets from the resolution) both have this
+    form; a model sampling of another form is refused (its windows could not be placed)."""
+    half = float(model_sampling.percent_to_sigma(0.5))
+    if not 0.0 < half < 1.0:
+        raise ValueError(f"{type(model_sampling).__name__} is not a rectified-flow time schedule (sigma(0.5) = {half})")
+    shift = half / (1.0 - half)
+    for p in _SHIFT_PROBES:
+        got, want = float(model_sampling.percent_to_sigma(p)), time_shift(1.0 - p, shift)
+        if abs(got - want) > _SHIFT_RTOL * want:
+            raise ValueError(
+                f"{type(model_sampling).__name__}'s sigmas are not a shifted rectified-flow schedule (at {p:g} of the "
+                f"way: {got:g}, the shift form gives {want:g}); PeRFlow supports the SD3 / Flux time shift only"
+            )
+    return shift
+
+
+def flow_windows_of(model_sampling) -> int | None:
+    """K of a PeRFlow flow model sampling, None for any other model sampling."""
+    return getattr(model_sampling, FLOW_WINDOWS_ATTR, None)

@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from .model_sampling import PeRFlowModelSampling
+from .model_sampling import PeRFlowModelSampling, flow_shift_of, flow_windows_of
 from .schedule import sd_alphas_cumprod
 from .windows import NUM_TRAIN_TIMESTEPS
 
@@ -59,9 +59,12 @@ def _table_of(model_sampling) -> torch.Tensor | None:
     return 1.0 / (1.0 + sigmas.detach().double().cpu() ** 2)
 
 
-def check_perflow_sampling(model_sampling, add_node_hint: str) -> PeRFlowModelSampling:
-    """`model_sampling` if it is PeRFlow's on a table PeRFlow expects; a ValueError naming the node setting to change
-    when it was replaced or sits on AnimateDiff's table; a logged warning for any other foreign table."""
+def check_perflow_sampling(model_sampling, add_node_hint: str):
+    """`model_sampling` if it is PeRFlow's on a table PeRFlow expects, or a flow model's own model sampling marked
+    with its PeRFlow windows; a ValueError naming the node setting to change when it was replaced or sits on
+    AnimateDiff's table; a logged warning for any other foreign table."""
+    if flow_windows_of(model_sampling) is not None:
+        return model_sampling  # a rectified-flow model keeps its own noise definition: nothing to compare
     if not isinstance(model_sampling, PeRFlowModelSampling):
         table = _table_of(model_sampling)
         name = "unknown" if table is None else table_name(table)
@@ -74,7 +77,7 @@ def check_perflow_sampling(model_sampling, add_node_hint: str) -> PeRFlowModelSa
         raise ValueError(
             f"This model is not set up for PeRFlow ({type(model_sampling).__name__}); {add_node_hint}. If it has one, "
             f"a node after it replaced PeRFlow's model sampling: {ANIMATEDIFF_FIX}, and put other model-sampling "
-            "nodes (ModelSamplingDiscrete, ...) before the PeRFlow node"
+            "nodes (ModelSamplingDiscrete, ModelSamplingSD3, ModelSamplingFlux, ...) before the PeRFlow node"
         )
     name = table_name(model_sampling.alphas_cumprod)
     if name == "unknown":
@@ -92,3 +95,12 @@ def check_perflow_sampling(model_sampling, add_node_hint: str) -> PeRFlowModelSa
             f"the PeRFlow node replaced the model sampling. Fix: {ANIMATEDIFF_FIX}"
         )
     return model_sampling
+
+
+def perflow_windows(model_sampling, add_node_hint: str) -> tuple[int, float | None]:
+    """(K, flow shift) of a checked PeRFlow model sampling; the shift is None for the SD family (PeRFlow's own t)."""
+    model_sampling = check_perflow_sampling(model_sampling, add_node_hint)
+    k = flow_windows_of(model_sampling)
+    if k is None:
+        return model_sampling.num_windows, None
+    return k, flow_shift_of(model_sampling)

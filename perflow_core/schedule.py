@@ -6,6 +6,7 @@ import math
 import numpy as np
 import torch
 
+from .flow_windows import flow_sigmas
 from .number_parsing import finite
 from .windows import DEFAULT_NUM_WINDOWS, NUM_TRAIN_TIMESTEPS, check_num_windows, time_windows
 
@@ -125,10 +126,11 @@ def perflow_sigmas(steps: int, num_windows: int = DEFAULT_NUM_WINDOWS, denoise: 
     return _with_final_zero(np.arange(used, 0, -1, dtype=np.int64))
 
 
-def stock_scheduler_sigmas(steps: int, num_windows: int) -> torch.Tensor:
+def stock_scheduler_sigmas(steps: int, num_windows: int, flow_shift: float | None = None) -> torch.Tensor:
     """The schedule for ComfyUI's own schedulers (KSampler, BasicScheduler), which ask for `steps` values and keep
     only the last steps+1 of them: refuses fewer steps than windows (the cut schedule would not start at t = 1)
-    and more steps than timesteps (the tail would silently drop denoise), naming the fix."""
+    and, for the SD family, more steps than timesteps (the tail would silently drop denoise), naming the fix.
+    With flow_shift (a rectified-flow model) the schedule is flow_sigmas over that shift's windows."""
     _check_steps(steps)
     check_num_windows(num_windows)
     if steps < num_windows:
@@ -138,6 +140,8 @@ def stock_scheduler_sigmas(steps: int, num_windows: int) -> torch.Tensor:
             f"not start at t = 1). Set steps to {num_windows} or more, or use the PeRFlow Scheduler node, which "
             f"raises steps to {num_windows} for you"
         )
+    if flow_shift is not None:
+        return flow_sigmas(steps, num_windows, flow_shift)
     if steps > NUM_TRAIN_TIMESTEPS:
         raise ValueError(
             f"the 'perflow' scheduler got {steps} steps (ComfyUI schedules int(steps/denoise)), more than PeRFlow's "

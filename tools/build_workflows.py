@@ -569,5 +569,90 @@ def sdxl_extracted_delta():
 BUILDERS += [sd15_animatediff, sdxl_extracted_delta]
 
 
+# ---------------------------------------------------------------- flow-matching models (issue 14): SD3.5, Flux
+
+SD35_MEDIUM = Model(
+    "checkpoints",
+    "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors",
+    f"{HF}/Comfy-Org/stable-diffusion-3.5-fp8/resolve/main/sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors",
+    "Stability AI Community License (free below USD 1M annual revenue; read it before commercial use)",
+    "SD3.5 Medium with its CLIP-L, CLIP-G and T5-XXL (fp8) text encoders and VAE in one file",
+)
+FLUX_DEV = Model(
+    "checkpoints",
+    "flux1-dev-fp8.safetensors",
+    f"{HF}/Comfy-Org/flux1-dev/resolve/main/flux1-dev-fp8.safetensors",
+    "FLUX.1 [dev] Non-Commercial License",
+    "Flux dev with its CLIP-L and T5-XXL (fp8) text encoders and VAE in one file",
+)
+SD35_LORA_NAME = "perflow-sd35-medium-lora.safetensors"
+FLUX_LORA_NAME = "perflow-flux-dev-lora.safetensors"
+
+
+def train_command(ckpt: Model, out: str, memory: str) -> str:
+    """The exact command that trains the PeRFlow LoRA a flow workflow loads (README, Flow-matching models)."""
+    return (
+        f"python -m training.train --backend comfy --checkpoint ComfyUI/models/checkpoints/{ckpt.name} "
+        f"--data my_images/ --resolution 1024 --lora-rank 32 --steps 4000 --lr 1e-4 --mixed-precision bf16 "
+        f"{memory} --cache-latents cache/ --out runs/{out}\n"
+        f"then copy runs/{out}/perflow_lora.safetensors to ComfyUI/models/perflow/"
+    )
+
+
+def flow_lora(g, model, name, pos):
+    """PeRFlow Delta Loader reading a flow-model PeRFlow LoRA (windows, shift and velocity from its metadata)."""
+    delta = g.add(
+        "PeRFlowDeltaLoader", pos, "PeRFlow Delta Loader (your PeRFlow LoRA)", delta_name=name, strength=1.0,
+        parameterization="auto", num_windows=0, model=model,
+    )  # fmt: skip
+    g.add("PreviewAny", (pos[0], pos[1] + 1), "PeRFlow summary", source=(delta, 1), **FRONTEND_WIDGETS["PreviewAny"])
+    return delta
+
+
+def sd35_medium_lora():
+    g = Graph(
+        "sd35_medium_perflow_lora_4step",
+        "PeRFlow SD3.5 Medium (PeRFlow LoRA), 4 steps",
+        "SD3.5 Medium + a PeRFlow LoRA, applied by PeRFlow Delta Loader: the model keeps its own flow model sampling "
+        "(shift 3) and gains the LoRA's 4 windows. KSampler: sampler and scheduler 'perflow', 4 steps, cfg 4.5 "
+        "(SD3's real CFG; a PeRFlow CFG Schedule may set it per window), 1024x1024.\n"
+        "NO SUCH LORA IS PUBLISHED: train your own once on one GPU (README, Flow-matching models):\n"
+        f"  {train_command(SD35_MEDIUM, 'sd35m', '--batch-size 4 --gradient-checkpointing')} as {SD35_LORA_NAME}",
+    )
+    ckpt = g.add("CheckpointLoaderSimple", (40, 200), "SD3.5 Medium", dl=SD35_MEDIUM, ckpt_name=SD35_MEDIUM.name)
+    delta = flow_lora(g, (ckpt, 0), SD35_LORA_NAME, (420, 540))
+    pos, neg = sd15_text(g, ckpt)
+    lat = g.add("EmptySD3LatentImage", (420, 760), width=1024, height=1024, batch_size=1)
+    ks = perflow_ksampler(g, (delta, 0), (pos, 0), (neg, 0), (lat, 0), steps=4, cfg=4.5, denoise=1.0)
+    decode_save(g, ks, ckpt, "perflow/sd35_medium_4step")
+    return g
+
+
+def flux_dev_lora():
+    g = Graph(
+        "flux_dev_perflow_lora_4step",
+        "PeRFlow Flux dev (PeRFlow LoRA), 4 steps",
+        "Flux dev + a PeRFlow LoRA, applied by PeRFlow Delta Loader: the model keeps its own flow model sampling "
+        "(mu 1.15, shift e^1.15: what ModelSamplingFlux gives at 1024x1024, and what the LoRA is trained at) and "
+        "gains the LoRA's 4 windows. Flux dev's distilled guidance stays FluxGuidance 3.5 (as trained); KSampler "
+        "cfg 1.0 runs one pass per step (the negative prompt is unused). Sampler and scheduler 'perflow', 4 steps, "
+        "1024x1024.\n"
+        "NO SUCH LORA IS PUBLISHED: train your own once on one large GPU (README, Flow-matching models):\n"
+        f"  {train_command(FLUX_DEV, 'flux-dev', '--batch-size 1')} as {FLUX_LORA_NAME}",
+    )
+    ckpt = g.add("CheckpointLoaderSimple", (40, 200), "Flux dev", dl=FLUX_DEV, ckpt_name=FLUX_DEV.name)
+    delta = flow_lora(g, (ckpt, 0), FLUX_LORA_NAME, (420, 540))
+    pos = g.add("CLIPTextEncode", (420, 60), "Positive prompt", text=POSITIVE, clip=(ckpt, 1))
+    guided = g.add("FluxGuidance", (420, 61), guidance=3.5, conditioning=(pos, 0))
+    neg = g.add("CLIPTextEncode", (420, 290), "Negative prompt (unused at cfg 1)", text="", clip=(ckpt, 1))
+    lat = g.add("EmptySD3LatentImage", (420, 760), width=1024, height=1024, batch_size=1)
+    ks = perflow_ksampler(g, (delta, 0), (guided, 0), (neg, 0), (lat, 0), steps=4, cfg=1.0, denoise=1.0)
+    decode_save(g, ks, ckpt, "perflow/flux_dev_4step")
+    return g
+
+
+BUILDERS += [sd35_medium_lora, flux_dev_lora]
+
+
 if __name__ == "__main__":
     run(main)

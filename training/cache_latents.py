@@ -133,6 +133,8 @@ class ComfyEncoder:
                 for p, s, c in zip(pooled.float(), size, crop, strict=True)
             ]
             cond["y"] = torch.cat(rows).float()
+        elif self.architecture in ("sd3", "flux"):  # rectified-flow transformers take the pooled text as y
+            cond["y"] = pooled.float()
         return cond
 
     def conditioning(self, entries: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:

@@ -42,6 +42,18 @@ COMFY_UNET_TARGETS = (
     r"\.op$",  # downsamplers.0.conv
     r"\.conv$",  # upsamplers.0.conv
 )
+# Flow-matching transformers in ComfyUI's names: attention projections and MLPs of every block (the usual SD3 / Flux
+# LoRA targets). SD3 / SD3.5 MMDiT: joint blocks' context and x streams (attn2: SD3.5 Medium's extra self-attention).
+MMDIT_TARGETS = (
+    r"^joint_blocks\.\d+\.(context|x)_block\.attn2?\.(qkv|proj)$",
+    r"^joint_blocks\.\d+\.(context|x)_block\.mlp\.fc[12]$",
+)
+# Flux: double blocks' image and text streams, single blocks' fused qkv+mlp (linear1) and output (linear2).
+FLUX_TARGETS = (
+    r"^double_blocks\.\d+\.(img|txt)_attn\.(qkv|proj)$",
+    r"^double_blocks\.\d+\.(img|txt)_mlp\.[02]$",
+    r"^single_blocks\.\d+\.linear[12]$",
+)
 # The same roles in training/toy_model.py's ToyUNet: ResBlock conv1/conv2/skip/emb (time_emb_proj) and the strided
 # pool convs (its downsamplers; it upsamples by interpolation and has no attention).
 TOY_UNET_TARGETS = (r"\.conv[12]$", r"\.skip$", r"\.emb$", r"^pool[12]$")
