@@ -246,3 +246,15 @@ def test_flow_two_processes_match_one_process(flow_toy, tmp_path):
     for k in ta:
         if k.startswith("adam.") and k.endswith("exp_avg"):  # the same gradients, up to summation order
             torch.testing.assert_close(ta[k], tb[k], atol=1e-6, rtol=1e-4, msg=k)
+
+
+def test_sample_teacher_solves_a_flow_teacher_with_euler(flow_toy, tmp_path, monkeypatch):
+    from training import sample_teacher
+
+    calls = []
+    monkeypatch.setattr(sample_teacher, "flow_ode_solve", lambda *a, **k: calls.append(a) or torch.zeros(20, 1, 8, 8))
+    monkeypatch.setattr(sample_teacher, "ode_solve", lambda *a, **k: pytest.fail("DDIM on a flow teacher"))
+    out = tmp_path / "grid.png"
+    argv = ["--model", str(flow_toy / "teacher.safetensors"), "--out", str(out), "--steps", "3", "--per-class", "2"]
+    sample_teacher.main([*argv, "--size", "8", "--threads", "1"])
+    assert out.is_file() and len(calls) == 2 and torch.equal(calls[0][2], shifted_sigmas(3, 1.0))
