@@ -18,12 +18,13 @@ from training import reflow
 from training.checkpointing import load_checkpoint
 from training.cli import UserError
 from training.solvers import flow_ode_solve, shifted_sigmas, solve_teacher_flow
-from training.toy_model import ToyUNet, save_toy_model, toy_model_metadata, toy_time_kind
+from training.toy_model import ToyUNet, load_toy_model, save_toy_model, toy_model_metadata, toy_time_kind
 from training.train import train
 from training.train_teacher import flow_loss
 from training.train_teacher import main as train_teacher
 
 REPO = Path(__file__).resolve().parents[1]
+FLOW_TEACHER = REPO / "training" / "teacher" / "toy_flow_teacher.safetensors"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -161,6 +162,16 @@ def test_train_teacher_flow_writes_a_flow_teacher(flow_toy, tmp_path):
                   + ["--batch", "4", "--base", "8", "--warmup", "1", "--threads", "1"])  # fmt: skip
     meta = toy_model_metadata(out)
     assert meta["time_kind"] == "flow" and meta["objective"] == "velocity" and toy_time_kind(out) == "flow"
+
+
+def test_committed_flow_teacher():
+    assert FLOW_TEACHER.stat().st_size < 4 * 2**20
+    assert toy_time_kind(FLOW_TEACHER) == "flow" and "final_loss" in toy_model_metadata(FLOW_TEACHER)
+    model = load_toy_model(FLOW_TEACHER)
+    with torch.no_grad():
+        assert torch.isfinite(
+            model(torch.randn(2, 1, 16, 16), torch.tensor([1000.0, 20.0]), torch.tensor([3, 10]))
+        ).all()
 
 
 def test_unknown_teacher_time_kind_is_refused(tmp_path):
