@@ -18,12 +18,13 @@ from training import reflow
 from training.checkpointing import load_checkpoint
 from training.cli import UserError
 from training.solvers import flow_ode_solve, shifted_sigmas, solve_teacher_flow
-from training.toy_model import ToyUNet, save_toy_model, toy_model_metadata, toy_time_kind
+from training.toy_model import ToyUNet, load_toy_model, save_toy_model, toy_model_metadata, toy_time_kind
 from training.train import train
 from training.train_teacher import flow_loss
 from training.train_teacher import main as train_teacher
 
 REPO = Path(__file__).resolve().parents[1]
+FLOW_TEACHER = REPO / "training" / "teacher" / "toy_flow_teacher.safetensors"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -163,6 +164,16 @@ def test_train_teacher_flow_writes_a_flow_teacher(flow_toy, tmp_path):
     assert meta["time_kind"] == "flow" and meta["objective"] == "velocity" and toy_time_kind(out) == "flow"
 
 
+def test_committed_flow_teacher():
+    assert FLOW_TEACHER.stat().st_size < 4 * 2**20
+    assert toy_time_kind(FLOW_TEACHER) == "flow" and "final_loss" in toy_model_metadata(FLOW_TEACHER)
+    model = load_toy_model(FLOW_TEACHER)
+    with torch.no_grad():
+        assert torch.isfinite(
+            model(torch.randn(2, 1, 16, 16), torch.tensor([1000.0, 20.0]), torch.tensor([3, 10]))
+        ).all()
+
+
 def test_unknown_teacher_time_kind_is_refused(tmp_path):
     path = tmp_path / "odd.safetensors"
     save_toy_model(path, ToyUNet(num_classes=2, base=8), {"time_kind": "edm"})
@@ -246,3 +257,15 @@ def test_flow_two_processes_match_one_process(flow_toy, tmp_path):
     for k in ta:
         if k.startswith("adam.") and k.endswith("exp_avg"):  # the same gradients, up to summation order
             torch.testing.assert_close(ta[k], tb[k], atol=1e-6, rtol=1e-4, msg=k)
+
+
+def test_sample_teacher_solves_a_flow_teacher_with_euler(flow_toy, tmp_path, monkeypatch):
+    from training import sample_teacher
+
+    calls = []
+    monkeypatch.setattr(sample_teacher, "flow_ode_solve", lambda *a, **k: calls.append(a) or torch.zeros(20, 1, 8, 8))
+    monkeypatch.setattr(sample_teacher, "ode_solve", lambda *a, **k: pytest.fail("DDIM on a flow teacher"))
+    out = tmp_path / "grid.png"
+    argv = ["--model", str(flow_toy / "teacher.safetensors"), "--out", str(out), "--steps", "3", "--per-class", "2"]
+    sample_teacher.main([*argv, "--size", "8", "--threads", "1"])
+    assert out.is_file() and len(calls) == 2 and torch.equal(calls[0][2], shifted_sigmas(3, 1.0))
