@@ -151,7 +151,7 @@ def load_delta(model, path: str, strength: float, parameterization: str, num_win
     if wf.metadata is not None:
         summary += f"; trained on base {wf.metadata.base_hash[:12]}"
     if flow:
-        summary += f"; flow windows at shift {flow_shift_of(out.get_model_object('model_sampling')):.4g}"
+        summary += f"; flow model sampling at shift {flow_shift_of(out.get_model_object('model_sampling')):.4g}"
     summary += "".join(f"; {note}" for note in (p_note, w_note, shift_note) if note)  # guesses, overrides
     if wf.format == "kohya_lora":
         skipped = {k.split(".", 1)[0] for k in read_header(path).tensors if not k.startswith("lora_unet_")}

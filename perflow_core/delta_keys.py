@@ -366,13 +366,13 @@ def check_time_kind(wf: WeightFile, model_is_flow: bool, model_name: str) -> Non
 
 def flow_shift_note(wf: WeightFile, model_shift: float) -> str:
     """'' when a flow file's trained shift matches the model's sampling shift, else a note naming the fix (the
-    windows follow the model's shift, as every PeRFlow flow schedule does)."""
+    windows stay at sigma 1 - k/K, but the shift places the steps inside them, away from the trained points)."""
     trained = wf.metadata.flow_shift if wf.metadata is not None else None
     if trained is None or abs(model_shift - trained) <= FLOW_SHIFT_RTOL * trained:
         return ""
     return (
-        f"trained with windows at flow shift {trained:g} but this model samples at shift {model_shift:g}, so the "
-        f"windows move with it; to sample as trained, put ModelSamplingSD3 with shift {trained:g} (Flux: "
-        f"ModelSamplingFlux for a mu of ln {trained:g} = {math.log(trained):.4g}) before this node, or remove the "
-        "model-sampling node that changed the shift"
+        f"trained at flow shift {trained:g} but this model samples at shift {model_shift:g}: the windows stay, "
+        "the steps inside them move off the trained points; to sample as trained, put ModelSamplingSD3 with shift "
+        f"{trained:g} (Flux: ModelSamplingFlux for a mu of ln {trained:g} = {math.log(trained):.4g}) before this "
+        "node, or remove the model-sampling node that changed the shift"
     )

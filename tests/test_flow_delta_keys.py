@@ -44,7 +44,7 @@ def test_the_shift_note_names_the_trained_shift_and_the_fix():
     wf = weight_file("sd3", flow_meta(shift=3.0))
     assert flow_shift_note(wf, 3.0) == "" and flow_shift_note(wf, 3.002) == ""
     note = flow_shift_note(wf, 2.0)
-    assert "trained with windows at flow shift 3 but this model samples at shift 2" in note
+    assert "trained at flow shift 3 but this model samples at shift 2" in note
     assert "ModelSamplingSD3 with shift 3" in note
     assert flow_shift_note(weight_file("sd3", None), 2.0) == ""  # no metadata: nothing to compare
 

@@ -137,8 +137,8 @@ def test_perflow_delta_patches_w_plus_s_dw_and_keeps_the_models_sampling(flow):
     out, summary = load(model, name, 0.5)
     n = len(w) - len(buffers(model))
     assert f"perflow_delta, {NAMES[family]} file on {NAMES[family]} model; {n} weights patched" in summary
-    assert "parameterization velocity, 4 windows" in summary and "flow windows at shift" in summary
-    assert "trained with windows" not in summary  # same shift: nothing to report
+    assert "parameterization velocity, 4 windows" in summary and "flow model sampling at shift" in summary
+    assert "trained at flow shift" not in summary  # same shift: nothing to report
     with weights_as_run(out) as got:
         off = [k for k in w if not torch.allclose(got[k], w[k] + 0.5 * dw[k], atol=1e-6, rtol=0)]
     assert not off, off[:3]
@@ -202,7 +202,7 @@ def test_a_shift_other_than_the_trained_one_is_reported_with_the_fix(flow):
     name, _ = delta_file(family, w, model)
     shifted = comfy_env.call("ModelSamplingSD3", model=model, shift=2.0)[0]
     out, summary = load(shifted, name)
-    assert "trained with windows at flow shift 3 but this model samples at shift 2" in summary
+    assert "trained at flow shift 3 but this model samples at shift 2" in summary
     assert "ModelSamplingSD3 with shift 3" in summary
     sigmas = comfy_env.call("PeRFlowScheduler", model=out, steps=4, denoise=1.0)[0]
     torch.testing.assert_close(sigmas, flow_sigmas(4, 4, 2.0), atol=1e-6, rtol=0)

@@ -111,7 +111,7 @@ def test_lora_steps_on_a_flow_model_give_a_lora_the_delta_loader_applies(comfy, 
         "PeRFlowDeltaLoader", model=model, delta_name="loras/" + name, strength=1.0, parameterization="auto",
         num_windows=0,
     )  # fmt: skip
-    assert f"kohya_lora, {NAMES[family]} file on {NAMES[family]} model" in text and "trained with windows" not in text
+    assert f"kohya_lora, {NAMES[family]} file on {NAMES[family]} model" in text and "trained at flow shift" not in text
     (stock,) = comfy_env.call("LoraLoaderModelOnly", model=model, lora_name=name, strength_model=1.0)
     base = {k: v.clone() for k, v in model.model_state_dict().items()}
     got, want = [], []

@@ -358,9 +358,7 @@ def run_training(args, rcfg: reflow.ReflowConfig, accelerator: Accelerator) -> d
     setup_logging(args.out, main)
     torch.manual_seed(args.seed)  # LoRA adapters start from this seed
     backend = make_backend(args, accelerator.device)
-    rcfg = reflow_for_teacher(
-        rcfg, args, getattr(backend, "time_kind", "diffusion"), getattr(backend, "flow_shift", 1.0)
-    )
+    rcfg = reflow_for_teacher(rcfg, args, backend.time_kind, backend.flow_shift)
     check_finite(backend.base_state_dict(), f"teacher {args.checkpoint or args.teacher}")
     if len(backend) < args.batch_size * args.grad_accum:
         raise UserError(

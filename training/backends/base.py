@@ -20,6 +20,8 @@ class Backend(Protocol):
     checkpoint_blocks: tuple[str, ...]  # class names recomputed under --gradient-checkpointing
     delta_prefix: str  # key prefix of the delta file ("diffusion_model." for ComfyUI UNet names)
     delta_dtype: torch.dtype
+    time_kind: str  # "diffusion" (an eps/v teacher on alphas_cumprod) or "flow" (a velocity teacher at sigma)
+    flow_shift: float  # flow teachers: the time shift of their own sampler (the default --flow-shift); else 1.0
 
     def __len__(self) -> int:
         """Number of training items."""

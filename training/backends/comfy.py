@@ -111,9 +111,10 @@ class ComfyBackend:
             )
         self.architecture = ARCHITECTURES[name]
         self.time_kind = "flow" if self.architecture in FLOW_ARCHITECTURES else "diffusion"
+        self.flow_shift = 1.0
         self.v_prediction = self.base.model_type == comfy.model_base.ModelType.V_PREDICTION
         if self.time_kind == "flow":
-            self.flow_shift = flow_shift_of(patcher.get_model_object("model_sampling"))  # the windows' default shift
+            self.flow_shift = flow_shift_of(patcher.get_model_object("model_sampling"))  # the default --flow-shift
             self.alphas_cumprod = sd_alphas_cumprod()  # the Backend field; a flow solve does not read it
             if not args.lora_rank:
                 log.info("%s is a flow-matching model: training a rank-%d LoRA (--lora-rank R to choose)", name,

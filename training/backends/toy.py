@@ -35,6 +35,7 @@ class ToyBackend:
         time_kind: str = "diffusion",
     ):
         self.time_kind = time_kind
+        self.flow_shift = 1.0  # the toy flow teacher samples unshifted
         self.device = torch.device(device)
         self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
         net = teacher.to(self.device, memory_format=self.memory_format)
