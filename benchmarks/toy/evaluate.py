@@ -55,8 +55,8 @@ class Evaluator:
         """Sample, score against ref_net's reference (at sp's CFG or ref_cfg) and real data ('real' or real=name);
         record. kw: param (the net's parameterization), ref_cfg, real."""
         param, ref_cfg, real = kw.get("param", "diff_eps"), kw.get("ref_cfg", sp.cfg), kw.get("real", "real")
-        if sp == reference_sampler(self.kind, self.ref_steps, sp.cfg) and net is ref_net:
-            x, _, secs = self.reference(net, sp.cfg)  # the reference itself: reuse it
+        if sp == reference_sampler(self.kind, self.ref_steps, sp.cfg):
+            x, _, secs = self.reference(net, sp.cfg)  # a reference (cached): reuse it
         else:
             x, secs = self.sample(net, sp, param)
         ref_x, ref_f, _ = self.reference(ref_net, ref_cfg)
