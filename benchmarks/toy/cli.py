@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     overrides = {k: getattr(args, k) for k in KNOBS}
     b = budget_from(args.quick, overrides, args.phases)
-    wall0, cpu0, clock = time.perf_counter(), time.process_time(), Clock()
+    wall0, cpu0, clock, code = time.perf_counter(), time.process_time(), Clock(), commit()  # the code that runs
     backend = ToyBackend.from_files(args.teacher, args.data, torch.device(args.device))
     teacher, images, labels = backend.teacher, backend.images, backend.labels
     args.out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +138,7 @@ def main(argv=None) -> dict:
     }
     meta = {
         "command": " ".join(["python -m benchmarks.toy", *(argv if argv is not None else sys.argv[1:])]),
-        "commit": commit(),
+        "commit": code,
         "machine": machine(args.threads),
         "device": args.device,
         "reduced": bool(b.reduced()),
