@@ -125,8 +125,7 @@ def main(argv=None) -> dict:
     if "param" in b.phases:
         clock.run("diff_eps vs velocity", phases.param_rows, ev, teacher, students)
     if "plug_and_play" in b.phases:
-        students[MAIN_MODEL]
-        pnp = (ev, teacher, args.teacher, students.deltas[MAIN_MODEL], images, labels, b, args.threads)
+        pnp = (ev, teacher, args.teacher, students.delta(MAIN_MODEL), images, labels, b, args.threads)
         clock.run("plug-and-play", phases.plug_and_play_rows, *pnp)
     if "cost" in b.phases:
         delta = args.out / f"{MAIN_MODEL}.safetensors" if MAIN_MODEL in students.nets else None
