@@ -14,7 +14,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from benchmarks.toy import cli
 from benchmarks.toy.budget import PHASES, Budget, budget_from
 from benchmarks.toy.models import thicken
 
@@ -114,26 +113,6 @@ def test_other_teacher_and_data_with_a_phase_subset(tiny_toy, tmp_path):
     verdicts = {t["target"].split(" (")[0]: t["pass"] for t in out["targets"]}
     assert verdicts["diff_eps below velocity at equal iterations"] is None
     assert verdicts["plug-and-play"] is not None
-
-
-def test_a_teacher_kind_without_samplers_is_refused(tiny_toy, tmp_path, capsys):
-    """A teacher whose metadata names a kind the benchmark has no samplers for: one error line naming the file and
-    where the samplers go, exit status 2, nothing run."""
-    from safetensors.torch import load_file, save_file
-
-    from training.cli import run
-    from training.toy_model import toy_model_metadata
-
-    teacher = tmp_path / "flow_teacher.safetensors"
-    meta = toy_model_metadata(tiny_toy / "teacher.safetensors") | {"time_kind": "flow"}
-    save_file(load_file(tiny_toy / "teacher.safetensors"), teacher, metadata=meta)
-    argv = ["--quick", "--out", str(tmp_path / "out"), "--teacher", str(teacher), "--data", str(tiny_toy / "data.npz")]
-    with pytest.raises(SystemExit) as stop:
-        run(lambda: cli.main(argv))
-    err = capsys.readouterr().err
-    assert stop.value.code == 2 and err.count("\n") == 1
-    assert "flow_teacher.safetensors" in err and "TEACHER_SAMPLERS" in err
-    assert not (tmp_path / "out" / "results.json").exists()
 
 
 strokes = st.lists(st.tuples(st.integers(0, 1), st.integers(1, 10), st.integers(1, 10)), min_size=1, max_size=6)
