@@ -2,11 +2,13 @@
 
 Two layouts: 'many' (4 MiB fp16 tensors, like SD1.5's larger layers) and 'single' (one tensor holding the whole
 file, the worst case for a reader that copies or checks a tensor at once). The target: peak - imports stays near
-the file size (the tensors the caller keeps) plus at most one tensor. Each load runs in a fresh process.
+the file size (the tensors the caller keeps) plus at most one tensor. Each load runs in a fresh process. Also run
+by the toy benchmark's cost phase (benchmarks.toy) on its trained delta.
 Usage: python -m benchmarks.delta_load_memory [--mb 512] [--layout many single]
 """
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+ME = [sys.executable, "-m", "benchmarks.delta_load_memory"]
 
 
 def generate(path: str, mb: int, layout: str) -> None:
@@ -37,20 +40,24 @@ def peak_rss_mib() -> float:
 
 
 def load(path: str) -> None:
-    """Run in a fresh process: print RSS after imports and the peak after reading every tensor."""
+    """Run in a fresh process: print one JSON line with the RSS after imports and the peak after reading."""
     from perflow_core import read_weight_file
 
     before = peak_rss_mib()
     wf = read_weight_file(path)
     after = peak_rss_mib()
-    size = os.path.getsize(path) / 2**20
     largest = max(t.numel() * t.element_size() for t in wf.tensors.values()) / 2**20
-    print(f"  file {size:.1f} MiB in {len(wf.tensors)} tensors (largest {largest:.1f} MiB), format {wf.format}")
-    print(f"  peak RSS after imports {before:.1f} MiB, after reading {after:.1f} MiB")
-    print(
-        f"  read overhead (peak - imports) {after - before:.1f} MiB = {(after - before) / size:.2f} x file size; "
-        f"bound file + largest tensor = {size + largest:.1f} MiB"
-    )
+    rec = {"file_mib": os.path.getsize(path) / 2**20, "tensors": len(wf.tensors), "largest_tensor_mib": largest}
+    rec |= {"format": wf.format, "rss_after_imports_mib": before, "peak_rss_mib": after, "read_mib": after - before}
+    print(json.dumps(rec))
+
+
+def measure_load(path: str | Path) -> dict:
+    """Read `path` in a fresh process (load above); returns its JSON record."""
+    res = subprocess.run([*ME, "--load-only", str(path)], capture_output=True, text=True, cwd=REPO)
+    if res.returncode != 0:
+        raise RuntimeError(f"delta load probe failed: {res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -66,13 +73,26 @@ def main() -> None:
     if args.generate_only:
         generate(args.generate_only, args.mb, args.layout[0])
         return
-    me = [sys.executable, "-m", "benchmarks.delta_load_memory", "--mb", str(args.mb)]
     for layout in args.layout:  # this process never imports torch; each step runs in a fresh one
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "delta.safetensors")
-            subprocess.run([*me, "--layout", layout, "--generate-only", path], check=True, cwd=REPO)
-            print(f"layout {layout}:", flush=True)
-            subprocess.run([*me, "--load-only", path], check=True, cwd=REPO)
+            subprocess.run(
+                [*ME, "--mb", str(args.mb), "--layout", layout, "--generate-only", path], check=True, cwd=REPO
+            )
+            r = measure_load(path)
+            print(f"layout {layout}:")
+            print(
+                f"  file {r['file_mib']:.1f} MiB in {r['tensors']} tensors (largest {r['largest_tensor_mib']:.1f} MiB)"
+            )
+            print(
+                f"  peak RSS after imports {r['rss_after_imports_mib']:.1f} MiB, "
+                f"after reading {r['peak_rss_mib']:.1f} MiB"
+            )
+            print(
+                f"  read overhead (peak - imports) {r['read_mib']:.1f} MiB = "
+                f"{r['read_mib'] / r['file_mib']:.2f} x file size; "
+                f"bound file + largest tensor = {r['file_mib'] + r['largest_tensor_mib']:.1f} MiB"
+            )
 
 
 if __name__ == "__main__":

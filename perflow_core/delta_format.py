@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import save_file
 
-from .architecture import ARCH_NAMES, ARCHITECTURES, guess_architecture
+from .architecture import ARCH_NAMES, ARCHITECTURES, FLOW_ARCHITECTURES, guess_architecture
 from .atomic_file import atomic_path
+from .flow_windows import check_flow_shift
 from .number_parsing import finite, parse_float, parse_int
 from .parameterization import PARAMETERIZATIONS
 from .windows import check_num_windows
@@ -18,6 +19,7 @@ FORMAT_NAME = "delta"
 LORA_FORMAT_NAME = "lora"  # kohya lora_unet_* keys with the same PeRFlow metadata
 FORMAT_VERSION = "1"
 CFG_MODES = ("sync", "fixed")
+TIME_KINDS = ("diffusion", "flow")  # absent = "diffusion": the SD family, every file written before flow models
 # Metadata keys written by save_delta itself; `extra` may not override them.
 RESERVED_KEYS = (
     "perflow_format",
@@ -27,7 +29,7 @@ RESERVED_KEYS = (
     "base_architecture",
     "base_hash",
 )
-_FIELD_KEYS = ("cfg_mode", "cfg_scale", "steps_trained", "training_summary")
+_FIELD_KEYS = ("cfg_mode", "cfg_scale", "steps_trained", "training_summary", "time_kind", "flow_shift")
 
 
 def state_dict_hash(tensors: dict[str, torch.Tensor]) -> str:
@@ -56,6 +58,8 @@ class DeltaMetadata:
     extra: dict[str, str] = field(default_factory=dict)
     cfg_scale: float | None = None
     format: str = FORMAT_NAME
+    time_kind: str = ""  # "" (absent) or "diffusion": the SD family; "flow": a rectified-flow base (SD3, Flux)
+    flow_shift: float | None = None  # the time shift the flow windows were built with (perflow_core.flow_windows)
 
     def __post_init__(self) -> None:
         if self.format not in (FORMAT_NAME, LORA_FORMAT_NAME):
@@ -78,6 +82,7 @@ class DeltaMetadata:
                 raise ValueError(f"cfg_scale goes only with cfg_mode 'fixed', not {self.cfg_mode or 'none'!r}")
             if finite(self.cfg_scale, "cfg_scale") < 0:
                 raise ValueError(f"cfg_scale must not be negative, got {self.cfg_scale!r}")
+        self._check_time_kind()
         bad_steps = isinstance(self.steps_trained, bool) or not isinstance(self.steps_trained, int | None)
         if bad_steps or (self.steps_trained is not None and self.steps_trained < 0):
             raise ValueError(f"steps_trained must be a non-negative integer, got {self.steps_trained!r}")
@@ -88,6 +93,39 @@ class DeltaMetadata:
                 raise ValueError(f"metadata entries must be strings, got {k!r}: {v!r}")
             if k in RESERVED_KEYS or k in _FIELD_KEYS:
                 raise ValueError(f"metadata key {k!r} is set by its own field, not by extra")
+
+    @property
+    def is_flow(self) -> bool:
+        """A PeRFlow model of a rectified-flow base: windows from perflow_core.flow_windows with flow_shift."""
+        return self.time_kind == "flow"
+
+    def _check_time_kind(self) -> None:
+        """time_kind is known; a flow file has the velocity parameterization, a flow_shift and a flow (or toy)
+        base; a diffusion file has neither flow_shift nor a flow base."""
+        if self.time_kind not in ("", *TIME_KINDS):
+            raise ValueError(
+                f"time_kind must be one of {', '.join(TIME_KINDS)} (or absent: diffusion), got {self.time_kind!r}; "
+                "a newer ComfyUI-PeRFlow may read this file"
+            )
+        if not self.is_flow:
+            if self.flow_shift is not None:
+                raise ValueError("flow_shift goes only with time_kind 'flow'")
+            if self.base_architecture in FLOW_ARCHITECTURES:
+                raise ValueError(
+                    f"base_architecture {self.base_architecture!r} is a flow-matching model: its PeRFlow files say "
+                    "time_kind 'flow' and their flow_shift"
+                )
+            return
+        if self.parameterization != "velocity":
+            raise ValueError(f"a time_kind 'flow' file has parameterization 'velocity', got {self.parameterization!r}")
+        if self.flow_shift is None:
+            raise ValueError("a time_kind 'flow' file needs flow_shift (the time shift of its windows; 1 = none)")
+        check_flow_shift(self.flow_shift)
+        if self.base_architecture not in (*FLOW_ARCHITECTURES, "toy"):
+            raise ValueError(
+                f"time_kind 'flow' goes with a flow-matching base ({', '.join(FLOW_ARCHITECTURES)}) or the toy, "
+                f"not {ARCH_NAMES[self.base_architecture]}"
+            )
 
     def to_metadata(self) -> dict[str, str]:
         """The safetensors header metadata (all strings)."""
@@ -107,6 +145,10 @@ class DeltaMetadata:
             meta["steps_trained"] = str(self.steps_trained)
         if self.training_summary is not None:
             meta["training_summary"] = json.dumps(self.training_summary, sort_keys=True)
+        if self.time_kind:
+            meta["time_kind"] = self.time_kind
+        if self.flow_shift is not None:
+            meta["flow_shift"] = format(float(self.flow_shift), ".15g")
         return {**meta, **self.extra}
 
     @classmethod
@@ -137,8 +179,8 @@ class DeltaMetadata:
 
 
 def _field_values(entries: dict[str, str]) -> dict:
-    """cfg_mode/cfg_scale/steps_trained/training_summary parsed from strings; legacy cfg_mode values of older files,
-    'cfg_sync' and 'cfg_fixed <scale>', become 'sync' and 'fixed' with cfg_scale."""
+    """cfg_mode/cfg_scale/steps_trained/training_summary/time_kind/flow_shift parsed from strings; legacy cfg_mode
+    values of older files, 'cfg_sync' and 'cfg_fixed <scale>', become 'sync' and 'fixed' with cfg_scale."""
     values = {}
     mode = entries.get("cfg_mode", "")
     if "cfg_scale" in entries:
@@ -155,6 +197,10 @@ def _field_values(entries: dict[str, str]) -> dict:
         values["steps_trained"] = parse_int(entries["steps_trained"], "metadata steps_trained")
     if "training_summary" in entries:
         values["training_summary"] = _parse_json(entries["training_summary"])
+    if "time_kind" in entries:
+        values["time_kind"] = entries["time_kind"]
+    if "flow_shift" in entries:
+        values["flow_shift"] = parse_float(entries["flow_shift"], "metadata flow_shift")
     return values
 
 
@@ -202,7 +248,8 @@ def save_delta(
     extra: dict[str, str] | None = None,
 ) -> None:
     """Validate, then write atomically (temp file in the same folder + os.replace); `extra` may set cfg_mode,
-    cfg_scale, steps_trained, training_summary (strings, read as the metadata reader reads them) and free entries."""
+    cfg_scale, steps_trained, training_summary, time_kind, flow_shift (strings, read as the metadata reader reads
+    them) and free entries."""
     extra = dict(extra or {})
     fields = _field_values({k: extra.pop(k) for k in _FIELD_KEYS if k in extra})
     meta = DeltaMetadata(parameterization, num_windows, base_architecture, base_hash, extra=extra, **fields)

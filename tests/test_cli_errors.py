@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from benchmarks.toy import benchmark
+from benchmarks.toy import cli as benchmark
 from training import make_toy_data, sample_teacher, train, train_teacher
 from training.cli import run
 

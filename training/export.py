@@ -20,6 +20,7 @@ LORA_FORMAT = "lora"
 # delta without metadata is a plain kohya LoRA), TRAINING_KEYS only with them; training.extract_lora adds the
 # relative error of its truncation.
 PERFLOW_KEYS = ("parameterization", "num_windows", "base_architecture", "base_hash")
+FLOW_KEYS = ("time_kind", "flow_shift")  # a flow-matching base's windows (docs/delta-format.md)
 TRAINING_KEYS = ("cfg_mode", "cfg_scale", "steps_trained", "training_summary")
 EXTRACTION_KEYS = ("perflow_lora_relative_error",)
 _KOHYA_KEY = re.compile(r"lora_unet_[A-Za-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha|diff|diff_b)")
@@ -32,7 +33,7 @@ def lora_metadata(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
     'lora' where they are present, and the ranks read from the tensors (kohya's ss_network_dim / ss_network_alpha,
     'Dynamic' when they differ between layers as in kohya's resize_lora; perflow_lora_rank = the largest rank,
     perflow_lora_ranks = {module: rank} when they differ)."""
-    known = PERFLOW_KEYS + TRAINING_KEYS + EXTRACTION_KEYS
+    known = PERFLOW_KEYS + FLOW_KEYS + TRAINING_KEYS + EXTRACTION_KEYS
     unknown = set(metadata) - set(known)
     if unknown:
         raise ValueError(f"unknown LoRA metadata {sorted(unknown)}; known: {', '.join(known)}")
@@ -46,11 +47,15 @@ def lora_metadata(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
             raise ValueError(f"LoRA metadata has {', '.join(given)} but lacks {', '.join(missing)}")
         if not _DECIMAL.fullmatch(metadata["num_windows"]):
             raise ValueError(f"num_windows must be a decimal integer, got {metadata['num_windows']!r}")
-        DeltaMetadata(  # validates parameterization, num_windows, base_architecture, base_hash
+        if "flow_shift" in metadata and not _FLOAT.fullmatch(metadata["flow_shift"]):
+            raise ValueError(f"flow_shift must be a decimal number, got {metadata['flow_shift']!r}")
+        DeltaMetadata(  # validates parameterization, num_windows, base_architecture, base_hash, time_kind, flow_shift
             metadata["parameterization"],
             int(metadata["num_windows"]),
             metadata["base_architecture"],
             metadata["base_hash"],
+            time_kind=metadata.get("time_kind", ""),
+            flow_shift=float(metadata["flow_shift"]) if "flow_shift" in metadata else None,
         )
         shapes_say = guess_architecture({k: tuple(t.shape) for k, t in tensors.items()})
         if shapes_say != "unknown" and shapes_say != metadata["base_architecture"]:
@@ -59,7 +64,7 @@ def lora_metadata(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
                 f"of the tensors is {shapes_say}'s"
             )
         meta = {"perflow_format": LORA_FORMAT, "perflow_format_version": FORMAT_VERSION}
-    elif set(metadata) & set(TRAINING_KEYS):
+    elif set(metadata) & set(TRAINING_KEYS + FLOW_KEYS):
         raise ValueError(f"LoRA metadata {sorted(metadata)} needs {', '.join(PERFLOW_KEYS)} as well")
     _check_entries(metadata)
     ranks, alphas = {}, {}
@@ -126,8 +131,11 @@ def write_lora(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metada
 
 
 def training_metadata(rcfg: ReflowConfig, steps_trained: int, summary: dict | None = None) -> dict[str, str]:
-    """cfg_mode ("sync" | "fixed"), cfg_scale (only with "fixed"), steps_trained and the optional JSON summary."""
+    """cfg_mode ("sync" | "fixed"), cfg_scale (only with "fixed"), steps_trained and the optional JSON summary;
+    time_kind "flow" and flow_shift for a flow-matching teacher."""
     meta = {"cfg_mode": rcfg.cfg_mode, "steps_trained": str(steps_trained)}
+    if rcfg.time_kind == "flow":
+        meta |= {"time_kind": "flow", "flow_shift": format(float(rcfg.flow_shift), ".15g")}
     if rcfg.cfg_mode == "fixed":
         meta["cfg_scale"] = f"{rcfg.cfg_scale:g}"
     if summary is not None:

@@ -1,5 +1,6 @@
 """Sample grids of a run: teacher DDIM-many, teacher DDIM-4 and the student's PeRFlow-4 from the same noises, one
-row each, written as a PNG, with the latent MSEs of the two 4-step rows to the first (the run's quality signal)."""
+row each, written as a PNG, with the latent MSEs of the two 4-step rows to the first (the run's quality signal).
+A flow-matching teacher samples with its own Euler steps instead of DDIM."""
 
 from pathlib import Path
 
@@ -8,9 +9,10 @@ import torch
 from PIL import Image
 from torch.func import functional_call
 
+from perflow_core.flow_windows import flow_sigmas
 from training.backends.base import Backend
 from training.reflow import ReflowConfig
-from training.solvers import guided_eps, ode_solve, perflow_solve
+from training.solvers import flow_ode_solve, guided_eps, ode_solve, perflow_solve, shifted_sigmas
 
 
 def save_grid(path: str | Path, images: torch.Tensor, nrow: int, pad: int = 2, scale: int = 1) -> None:
@@ -40,7 +42,8 @@ def sample_grid(
 ) -> dict[str, float]:
     """Rows from one seeded noise per preview item: teacher DDIM-`teacher_steps`, teacher DDIM-4, student PeRFlow-4
     with `weights` (EMA or live) swapped into the student module. cfg-mode fixed: the teacher at cfg_scale and the
-    student at 1 (guidance is trained in); sync: both at sample_cfg."""
+    student at 1 (guidance is trained in); sync: both at sample_cfg. A flow teacher: Euler on its shifted schedule
+    for the teacher rows, Euler on flow_sigmas for PeRFlow-4."""
     cond, null = backend.preview_conds()
     n = len(null["context"]) if isinstance(null, dict) else len(null)
     noise = torch.randn((n, *backend.latent_shape()), generator=torch.Generator().manual_seed(1234))
@@ -52,19 +55,32 @@ def sample_grid(
     def teacher(x: torch.Tensor, t: float) -> torch.Tensor:
         return guided_eps(backend.teacher_eps, x, torch.full((n,), t, device=x.device), cond, null, t_cfg)
 
-    ref = ode_solve(teacher, noise, teacher_steps, alphas_cumprod=ac)
-    ddim4 = ode_solve(teacher, noise, 4, alphas_cumprod=ac)
+    flow = rcfg.time_kind == "flow"
+    if flow:
+
+        def teacher_v(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+            return guided_eps(backend.teacher_eps, x, s, cond, null, t_cfg)
+
+        ref = flow_ode_solve(teacher_v, noise, shifted_sigmas(teacher_steps, rcfg.flow_shift))
+        ddim4 = flow_ode_solve(teacher_v, noise, shifted_sigmas(4, rcfg.flow_shift))
+    else:
+        ref = ode_solve(teacher, noise, teacher_steps, alphas_cumprod=ac)
+        ddim4 = ode_solve(teacher, noise, 4, alphas_cumprod=ac)
     module = backend.student
     student = backend.student_fn(lambda *a, **k: functional_call(module, weights, a, k, strict=False))
     was_training = module.training
     module.eval()
     try:
-        perflow4 = perflow_solve(student, noise, cond, null, s_cfg, rcfg.parameterization, rcfg.num_windows, ac)
+        if flow:
+            sigmas = flow_sigmas(4, rcfg.num_windows, rcfg.flow_shift)
+            perflow4 = flow_ode_solve(lambda x, s: guided_eps(student, x, s, cond, null, s_cfg), noise, sigmas)
+        else:
+            perflow4 = perflow_solve(student, noise, cond, null, s_cfg, rcfg.parameterization, rcfg.num_windows, ac)
     finally:
         module.train(was_training)
     images = backend.decode(torch.cat([ref, ddim4, perflow4]))
     save_grid(path, images, nrow=n, scale=max(1, 64 // images.shape[-1]))
     return {
         "mse_perflow4_vs_teacher": ((perflow4 - ref) ** 2).mean().item(),
-        "mse_ddim4_vs_teacher": ((ddim4 - ref) ** 2).mean().item(),
+        f"mse_{'euler' if flow else 'ddim'}4_vs_teacher": ((ddim4 - ref) ** 2).mean().item(),
     }

@@ -1,4 +1,5 @@
-"""Sample grid of a toy teacher: DDIM, one row per class, left half at one guidance scale, right half at another.
+"""Sample grid of a toy teacher: DDIM (Euler for a flow teacher), one row per class, left half at one guidance scale,
+right half at another.
 
 Usage: python -m training.sample_teacher --out samples.png [--model TEACHER] [--steps 50] [--size 16] [--threads N]
 """
@@ -9,8 +10,8 @@ import torch
 
 from training.cli import ArgumentParser, run
 from training.preview import save_grid
-from training.solvers import guided_eps, ode_solve
-from training.toy_model import load_toy_model
+from training.solvers import flow_ode_solve, guided_eps, ode_solve, shifted_sigmas
+from training.toy_model import load_toy_model, toy_time_kind
 
 TEACHER = Path(__file__).resolve().parent / "teacher" / "toy_teacher.safetensors"
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--out {args.out} exists already; pick a new file")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_toy_model(args.model)
+    model, flow = load_toy_model(args.model), toy_time_kind(args.model) == "flow"
     k, classes = args.per_class, model.num_classes
     labels = torch.arange(classes).repeat_interleave(k)
     null = torch.full_like(labels, classes)
@@ -45,10 +46,12 @@ def main(argv: list[str] | None = None) -> None:
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
 
     def sample(cfg: float) -> torch.Tensor:
-        def eps(x: torch.Tensor, t: float) -> torch.Tensor:
-            tt = torch.full((len(x),), t)
+        def eps(x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+            tt = t if isinstance(t, torch.Tensor) else torch.full((len(x),), t)
             return guided_eps(lambda xx, s, c: model(xx, s * 1000, c), x, tt, labels, null, cfg)
 
+        if flow:  # velocity at sigma: the teacher's own Euler steps, unshifted
+            return flow_ode_solve(eps, noise, shifted_sigmas(args.steps, 1.0)).view(classes, k, *shape[1:])
         return ode_solve(eps, noise, args.steps).view(classes, k, *shape[1:])
 
     halves = [sample(c) for c in args.cfg]

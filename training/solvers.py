@@ -4,12 +4,17 @@ Convention: t in [0, 1], t = 1 is noise; a network gets timestep t*1000 and the 
 alphas_cumprod[t*1000 - 1] (fractional indices interpolate log sigma, as ComfyUI's ModelSamplingDiscrete). At t = 0
 alpha_cumprod is 1 (diffusers' set_alpha_to_one=True), so a last step to 0 returns the x0 prediction itself.
 This module holds the one DDIM step of the repository: the reflow teacher solve and every DDIM sampler use it.
+
+Flow-matching teachers (SD3, Flux, the toy flow teacher) use sigma s in [0, 1] instead: x_s = (1 - s) x0 + s eps,
+the network predicts v = eps - x0 = dx/ds, fed s the way the toy feeds t. Their one ODE loop is flow_ode_solve
+(Euler or Heun); the flow reflow teacher solve and every flow sampler use it.
 """
 
 from collections.abc import Callable
 
 import torch
 
+from perflow_core.flow_windows import time_shift
 from perflow_core.model_sampling import PeRFlowModelSampling
 from perflow_core.sampling import sample_perflow
 from perflow_core.schedule import perflow_sigmas, sd_alphas_cumprod
@@ -101,6 +106,66 @@ def ddim_times(steps: int, spacing: str = "trailing") -> torch.Tensor:
     else:
         raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}; got {spacing!r}")
     return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+
+
+FLOW_SAMPLERS = ("euler", "heun")
+
+
+def flow_euler_step(x: torch.Tensor, v: torch.Tensor, s_now: torch.Tensor, s_next: torch.Tensor) -> torch.Tensor:
+    """Euler step of the flow ODE dx/ds = v (rectified flow; SD3 arXiv 2403.03206 Sec. 2): x + (s' - s) v."""
+    return x + (s_next - s_now) * v
+
+
+@torch.no_grad()
+def flow_ode_solve(
+    velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    sampler: str = "euler",
+) -> torch.Tensor:
+    """Integrate dx/ds = velocity_fn(x, s per item [B]) from x at sigmas[0] through sigmas [N+1] (one schedule) or
+    [N+1, B] (one per item). euler: flow_euler_step; heun: Heun's 2nd order (Karras et al. 2022, Alg. 1), corrected
+    on every step but one ending at s = 0, where the velocity eps - x0 is not predictable: 2N - 1 evaluations."""
+    if sampler not in FLOW_SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(FLOW_SAMPLERS)}; got {sampler!r}")
+    sigmas = sigmas.to(x.device, torch.float32)
+    sigmas = sigmas[:, None].expand(-1, len(x)) if sigmas.ndim == 1 else sigmas
+    for s_now, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+        v = velocity_fn(x, s_now).to(x.dtype)
+        x_next = flow_euler_step(x, v, per_item(s_now, x), per_item(s_next, x))
+        if sampler == "heun" and bool((s_next > 0).all()):
+            v_next = velocity_fn(x_next, s_next).to(x.dtype)
+            x_next = flow_euler_step(x, (v + v_next) / 2, per_item(s_now, x), per_item(s_next, x))
+        x = x_next
+    return x
+
+
+@torch.no_grad()
+def solve_teacher_flow(
+    teacher_velocity: EpsFn,
+    z_s: torch.Tensor,
+    s_s: torch.Tensor,
+    s_e: torch.Tensor,
+    steps: int,
+    cond: Cond,
+    cfg: float = 1.0,
+    null_cond: Cond | None = None,
+) -> torch.Tensor:
+    """A flow teacher's own ODE from s_s to s_e (per item, [B]) in `steps` equal Euler steps in sigma, guidance on
+    the velocity (PeRFlow Alg. 1 with the base's solver)."""
+    if cfg != 1.0 and null_cond is None:
+        raise ValueError("classifier-free guidance (cfg != 1) needs null_cond")
+    frac = torch.arange(steps + 1, dtype=torch.float64, device=s_s.device)[:, None] / steps
+    sigmas = s_s.double()[None] + (s_e.double() - s_s.double())[None] * frac
+    return flow_ode_solve(lambda x, s: guided_eps(teacher_velocity, x, s, cond, null_cond, cfg), z_s, sigmas)
+
+
+def shifted_sigmas(steps: int, shift: float) -> torch.Tensor:
+    """steps + 1 sigmas shift(1 - i/steps), i = 0..steps: a flow model's own schedule (SD3's time shift over
+    evenly spaced times, as ComfyUI's simple scheduler for SD3 and Flux up to its 1000-entry table)."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    return time_shift(torch.arange(steps, -1, -1, dtype=torch.float64) / steps, shift).float()
 
 
 SAMPLERS = ("ddim", "dpmpp_2m")

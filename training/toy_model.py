@@ -1,4 +1,5 @@
-"""Small class-conditional eps-prediction UNet for the toy backend, with safetensors save/load (config in metadata)."""
+"""Small class-conditional UNet for the toy backend (eps prediction, or velocity for a flow teacher), with safetensors
+save/load (config in metadata)."""
 
 import json
 import math
@@ -9,6 +10,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from perflow_core.delta_format import TIME_KINDS
 
 
 def timestep_embedding(timestep: torch.Tensor, dim: int) -> torch.Tensor:
@@ -82,6 +85,15 @@ def toy_model_metadata(path: str | Path) -> dict[str, str]:
     """The safetensors metadata of a saved toy model (string values, "config" included)."""
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
+
+
+def toy_time_kind(path: str | Path) -> str:
+    """'flow' for a toy teacher trained with --objective flow (velocity at sigma*1000), 'diffusion' for an eps
+    teacher on the SD noise table (metadata time_kind absent, as in every teacher before flow); ValueError else."""
+    kind = toy_model_metadata(path).get("time_kind", "diffusion")
+    if kind not in TIME_KINDS:
+        raise ValueError(f"{path}: metadata time_kind {kind!r} is not one of {', '.join(TIME_KINDS)}")
+    return kind
 
 
 def load_toy_model(path: str | Path, device: str | torch.device = "cpu") -> ToyUNet:

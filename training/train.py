@@ -11,6 +11,7 @@ kohya LoRA; --export-delta also writes the merged delta), checkpoint.pt, train.l
 """
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from accelerate.utils import ProjectConfiguration, broadcast_object_list
 from tqdm.auto import tqdm
 
 from perflow_core.delta_format import state_dict_hash
+from perflow_core.flow_windows import check_flow_shift
 from perflow_core.parameterization import PARAMETERIZATIONS
 from training import reflow
 from training.backends import make_backend
@@ -76,7 +78,13 @@ def build_parser() -> ArgumentParser:
     a("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: train the whole UNet)")
     a("--lora-alpha", type=float, default=None, help="LoRA alpha (scale alpha/rank; default: the rank)")
     a("--export-delta", action="store_true", help="with --lora-rank: also write the merged delta")
-    a("--parameterization", choices=PARAMETERIZATIONS, default="diff_eps")
+    a(
+        "--parameterization",
+        choices=PARAMETERIZATIONS,
+        default=None,
+        help="default: diff_eps; velocity (the only one) for a flow-matching teacher",
+    )
+    a("--flow-shift", type=float, default=None, help="flow-matching teachers: time shift of the windows (default 1)")
     a("--windows", type=int, default=4, help="number of time windows K")
     a("--solver-steps", type=int, default=4, help="teacher DDIM steps per window")
     a("--timestep-grid", type=int, default=1000, help="timepoints on a 1/N grid (published: 1000)")
@@ -147,6 +155,11 @@ def validate_args(args) -> reflow.ReflowConfig:
     for name, ok, allowed in checks:
         if not ok:
             raise UserError(f"--{name} must be {allowed}; got {getattr(args, name.replace('-', '_'))!r}")
+    if args.flow_shift is not None:
+        try:
+            check_flow_shift(args.flow_shift)
+        except ValueError as e:
+            raise UserError(f"--flow-shift: {e}") from None
     if (args.lora_alpha is not None or args.export_delta) and not args.lora_rank:
         raise UserError("--lora-alpha and --export-delta go with --lora-rank R (LoRA training)")
     if args.report_to != "none":
@@ -157,7 +170,7 @@ def validate_args(args) -> reflow.ReflowConfig:
                 f"--report-to {args.report_to}: the package is not installed (pip install {args.report_to})"
             )
     cfg = reflow.ReflowConfig(
-        parameterization=args.parameterization,
+        parameterization=args.parameterization or "diff_eps",
         num_windows=args.windows,
         solver_steps=args.solver_steps,
         timestep_grid=args.timestep_grid,
@@ -170,6 +183,24 @@ def validate_args(args) -> reflow.ReflowConfig:
     )
     cfg.validate()
     return cfg
+
+
+def reflow_for_teacher(rcfg: reflow.ReflowConfig, args, time_kind: str) -> reflow.ReflowConfig:
+    """The reflow config for the teacher's time kind: a flow-matching teacher trains the velocity parameterization
+    on flow windows with --flow-shift (default 1); --flow-shift with a diffusion teacher is refused."""
+    if time_kind != "flow":
+        if args.flow_shift is not None:
+            raise UserError("--flow-shift goes with a flow-matching teacher (SD3, Flux, a --objective flow toy)")
+        return rcfg
+    if args.parameterization not in (None, "velocity"):
+        raise UserError(
+            f"--parameterization {args.parameterization}: a flow-matching teacher trains the velocity "
+            "parameterization; leave --parameterization out or pass velocity"
+        )
+    shift = 1.0 if args.flow_shift is None else args.flow_shift
+    flow = dataclasses.replace(rcfg, parameterization="velocity", time_kind="flow", flow_shift=shift)
+    flow.validate()
+    return flow
 
 
 def exact_settings(args, rcfg: reflow.ReflowConfig, backend, processes: int) -> dict:
@@ -320,6 +351,7 @@ def run_training(args, rcfg: reflow.ReflowConfig, accelerator: Accelerator) -> d
     setup_logging(args.out, main)
     torch.manual_seed(args.seed)  # LoRA adapters start from this seed
     backend = make_backend(args, accelerator.device)
+    rcfg = reflow_for_teacher(rcfg, args, getattr(backend, "time_kind", "diffusion"))
     check_finite(backend.base_state_dict(), f"teacher {args.checkpoint or args.teacher}")
     if len(backend) < args.batch_size * args.grad_accum:
         raise UserError(

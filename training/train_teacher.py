@@ -1,6 +1,7 @@
-"""Train the toy teacher: class-conditional eps prediction on the SD noise schedule (DDPM objective), EMA weights saved.
+"""Train a toy teacher: class-conditional eps prediction on the SD noise schedule (DDPM objective) or, with
+--objective flow, velocity prediction on the rectified-flow line (SD3 / Flux style); EMA weights saved.
 
-Usage: python -m training.train_teacher --out teacher.safetensors [--steps 2500] [--minutes 10]
+Usage: python -m training.train_teacher --out teacher.safetensors [--objective flow] [--steps 2500] [--minutes 10]
 With --minutes the run also ends at that wall-clock budget; the learning-rate schedule follows whichever of steps or
 time is further along, so a run slowed by a busy CPU still anneals fully before it stops.
 """
@@ -24,6 +25,12 @@ def parse_args(argv: list[str] | None = None):
     """Command-line options."""
     p = ArgumentParser(prog="python -m training.train_teacher", description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="eps",
+        help="eps: DDPM on the SD noise table; flow: velocity eps - x0 on x_s = (1 - s) x0 + s eps, s uniform",
+    )
     p.add_argument("--out", type=Path, required=True, help="the teacher file to write (refused if it exists)")
     p.add_argument("--steps", type=int, default=2500)
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget (optional)")
@@ -77,6 +84,25 @@ def ddpm_loss(
     return F.mse_loss(model(xt, (i + 1).float(), labels), eps)
 
 
+def flow_loss(
+    model: ToyUNet, x0: torch.Tensor, labels: torch.Tensor, p_uncond: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Rectified-flow objective (SD3, arXiv 2403.03206 Sec. 2): x_s = (1 - s) x0 + s eps, target v = eps - x0, the
+    network fed s*1000 as ComfyUI feeds a flow model. s is uniform in (0, 1], not SD3's logit-normal: every sampler
+    starts at s = 1 and every PeRFlow window starts at a fixed s, where the logit-normal density vanishes at the
+    ends; on the toy the teacher must be accurate along the whole line, not where high-resolution detail forms."""
+    n, dev = len(x0), x0.device
+    labels = torch.where(torch.rand(n, generator=generator).to(dev) < p_uncond, model.num_classes, labels)
+    s = (1.0 - torch.rand(n, generator=generator)).to(dev)
+    eps = torch.randn(x0.shape, generator=generator).to(dev)
+    sb = s.view(-1, 1, 1, 1)
+    xs = (1 - sb) * x0 + sb * eps
+    return F.mse_loss(model(xs, s * 1000, labels), eps - x0)
+
+
+OBJECTIVES = {"eps": ddpm_loss, "flow": flow_loss}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Train and save the EMA teacher."""
     args = parse_args(argv)
@@ -109,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
             group["lr"] = args.lr * lr_factor(step, args.warmup, progress)
         idx = torch.randint(0, len(images), (args.batch,))
         x0 = images[idx].contiguous(memory_format=torch.channels_last)
-        loss = ddpm_loss(model, x0, labels[idx], args.p_uncond)
+        loss = OBJECTIVES[args.objective](model, x0, labels[idx], args.p_uncond)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -122,7 +148,10 @@ def main(argv: list[str] | None = None) -> None:
     seconds = time.time() - start
     print(f"trained {steps} steps in {seconds / 60:.1f} min, final smoothed loss {smooth:.4f}")
     model.load_state_dict(ema.shadow)
-    meta = {"objective": "eps", "schedule": "sd_alphas_cumprod", "timestep": "t*1000, t=(i+1)/1000"}
+    if args.objective == "flow":
+        meta = {"objective": "velocity", "time_kind": "flow", "timestep": "sigma*1000", "time_sampling": "uniform"}
+    else:
+        meta = {"objective": "eps", "schedule": "sd_alphas_cumprod", "timestep": "t*1000, t=(i+1)/1000"}
     meta |= {"steps": steps, "batch": args.batch, "lr": args.lr, "ema": args.ema, "p_uncond": args.p_uncond}
     meta |= {"seed": args.seed, "final_loss": round(smooth, 5), "train_seconds": round(seconds), "data": args.data.name}
     meta |= (

@@ -9,14 +9,15 @@ from perflow_core.schedule import sd_alphas_cumprod
 from training.backends.base import TeacherStudent
 from training.cli import UserError
 from training.toy_data import load_toy_data
-from training.toy_model import ToyUNet, load_toy_model
+from training.toy_model import ToyUNet, load_toy_model, toy_time_kind
 
 # The published LoRA roles in the ToyUNet: ResBlock conv1/conv2/skip/emb (time_emb_proj) and the strided pool convs.
 TOY_LORA_TARGETS = (r"\.conv[12]$", r"\.skip$", r"\.emb$", r"^pool[12]$")
 
 
 class ToyBackend:
-    """Class-conditional toy: conditioning = labels, null conditioning = the extra class num_classes."""
+    """Class-conditional toy: conditioning = labels, null conditioning = the extra class num_classes. The teacher
+    predicts eps at t (time_kind "diffusion") or the velocity eps - x0 at sigma (time_kind "flow"), fed t*1000."""
 
     architecture = "toy"
     checkpoint_blocks = ("ResBlock",)
@@ -31,7 +32,9 @@ class ToyBackend:
         device: torch.device,
         lora_rank: int = 0,
         lora_alpha: float | None = None,
+        time_kind: str = "diffusion",
     ):
+        self.time_kind = time_kind
         self.device = torch.device(device)
         self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
         net = teacher.to(self.device, memory_format=self.memory_format)
@@ -44,7 +47,7 @@ class ToyBackend:
     @classmethod
     def from_files(cls, teacher: Path, data: Path, device: torch.device, lora_rank=0, lora_alpha=None):
         """Load the teacher and the data; refuse data that does not fit the teacher (channels, size, labels)."""
-        net = load_toy_model(teacher)
+        net, time_kind = load_toy_model(teacher), toy_time_kind(teacher)
         images, labels = load_toy_data(data)
         nc, ch = net.num_classes, net.config["in_channels"]
         if images.shape[1] != ch or images.shape[-1] % 4 or images.shape[-2] % 4:
@@ -55,7 +58,7 @@ class ToyBackend:
         if len(labels) and int(labels.max()) >= nc:
             top = int(labels.max())
             raise UserError(f"{data}: labels reach {top}; the teacher {teacher} has {nc} classes (0..{nc - 1})")
-        return cls(net, images, labels, device, lora_rank, lora_alpha)
+        return cls(net, images, labels, device, lora_rank, lora_alpha, time_kind)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -70,7 +73,7 @@ class ToyBackend:
 
     def teacher_eps(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         with self.nets.teacher_mode():
-            return self.teacher(x, t * 1000, cond)  # the toy teacher is fed t*1000 (noise level ac[t*1000 - 1])
+            return self.teacher(x, t * 1000, cond)  # fed t*1000 (noise level ac[t*1000 - 1]; flow: sigma*1000)
 
     @staticmethod
     def student_fn(module):
