@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from benchmarks.toy import cli
 from benchmarks.toy.sampling import TEACHER_SAMPLERS, Sampler, run_sampler
+from benchmarks.toy.targets import check_targets
 
 REPO = Path(__file__).resolve().parents[1]
 FLOW_TEACHER = REPO / "training" / "teacher" / "toy_flow_teacher.safetensors"
@@ -114,3 +115,18 @@ def test_no_sampler_of_another_kind(kind, name):
         run_sampler(
             NeverCalled(), torch.zeros(2, 1, 4, 4), torch.zeros(2, dtype=torch.long), Sampler(name, 4, 1.0), kind
         )
+
+
+@pytest.mark.parametrize("ratio, floor, goal", [(1.2, False, False), (0.8, True, False), (0.5, True, True)])
+def test_flow_targets_floor_and_goal(ratio, floor, goal):
+    """PeRFlow-4 / Euler-4 paired MSE at CFG 1 decides the floor (<= 1.0x) and the goal (<= 0.5x)."""
+    rows = {("teacher", "euler", 4): 0.01, ("perflow", "perflow-K4", 4): 0.01 * ratio}
+    rows |= {("teacher (no delta)", "perflow-K4", 4): 0.01, ("perflow-K2", "perflow-K2", 2): 0.02}
+    records = [
+        {"group": "main", "model": m, "sampler": s, "steps": n, "cfg": 1.0, "paired_mse": v}
+        for (m, s, n), v in rows.items()
+    ]
+    trend = [{"recipe": "perflow", "paired_mse": v, "teacher_mse": 0.01} for v in (0.009, 0.007)]
+    verdicts = {t["target"].split(":")[0]: t["pass"] for t in check_targets(records, trend, "flow")}
+    assert verdicts["flow floor"] is floor and verdicts["flow goal"] is goal
+    assert verdicts["training works"] is True and verdicts["moonshot"] is False
