@@ -59,7 +59,7 @@ class DeltaMetadata:
     cfg_scale: float | None = None
     format: str = FORMAT_NAME
     time_kind: str = ""  # "" (absent) or "diffusion": the SD family; "flow": a rectified-flow base (SD3, Flux)
-    flow_shift: float | None = None  # the time shift the flow windows were built with (perflow_core.flow_windows)
+    flow_shift: float | None = None  # the time shift of the flow schedule (steps inside the windows; flow_windows)
 
     def __post_init__(self) -> None:
         if self.format not in (FORMAT_NAME, LORA_FORMAT_NAME):

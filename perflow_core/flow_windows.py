@@ -2,10 +2,19 @@
 
 A flow model's sigma s runs from 1 (noise) to 0 (data); samplers place their steps at s = shift(t) for t spread
 evenly in [0, 1], with SD3's time shift s = shift * t / (1 + (shift - 1) * t) (arXiv 2403.03206, Eq. 23; Flux's
-exp(mu) shift with sigma exponent 1 is the same map with shift = e^mu). PeRFlow cuts the time into K windows
-(arXiv 2405.07510, Sec. 3). Here the windows are equal in the UNSHIFTED time t: window k spans
-t in [1 - k/K, 1 - (k + 1)/K], i.e. sigma in [shift(1 - k/K), shift(1 - (k + 1)/K)], so the shift moves window
-boundaries exactly as it moves the model's own sampling steps, and at shift 1 both readings coincide.
+exp(mu) shift with sigma exponent 1 is the same map with shift = e^mu). PeRFlow cuts the time into K equal windows
+(arXiv 2405.07510, Sec. 3). Here they are equal in the SHIFTED sigma: window k spans sigma in [1 - k/K,
+1 - (k + 1)/K] whatever the shift; the shift only spreads the steps inside each window (evenly in the unshifted
+time t, as the model's own sampler spreads them) and the trainer's timepoints.
+
+Why sigma, not t (measured on the toy flow teacher, 500 paired samples, cfg 1, 600 training steps each, shift 3
+like SD3): PeRFlow K=4 at 4 steps reached paired MSE 0.00243 to teacher Euler-100 with windows equal in sigma
+against 0.00573 with windows equal in t (0.11x and 0.27x teacher Euler-4's 0.02157), at 8 steps 0.00112 against
+0.00274. Windows equal in t put the boundaries at sigma 1, .9, .75, .5, 0 under shift 3, so the last window spans
+half the sigma range, where the trajectories bend most. The toy is 16x16 and samples best at shift 1 (where the two
+readings coincide), so the measurement shows robustness to a shift that does not suit the model rather than what
+suits SD3 at 1024 px; sigma windows also keep a trained file's windows independent of Flux's resolution-dependent
+shift.
 """
 
 import logging
@@ -45,32 +54,38 @@ def time_unshift(sigma: torch.Tensor, shift: float) -> torch.Tensor:
     return sigma / (shift - (shift - 1) * sigma)
 
 
-def _window_times(num_windows: int) -> np.ndarray:
-    """K + 1 unshifted window boundaries 1, 1 - 1/K, ..., 0 (float64, PeRFlow Sec. 3 equal windows)."""
+def _window_bounds(num_windows: int) -> np.ndarray:
+    """K + 1 window boundaries in sigma 1, 1 - 1/K, ..., 0 (float64, PeRFlow Sec. 3 equal windows)."""
     return np.arange(num_windows, -1, -1, dtype=np.float64) / num_windows
 
 
 def flow_window_sigmas(num_windows: int, shift: float) -> torch.Tensor:
-    """K + 1 window boundaries in sigma, 1.0 ... 0.0, noisiest first (PeRFlow Sec. 3, windows equal in t)."""
+    """K + 1 window boundaries in sigma, 1.0 ... 0.0, noisiest first (PeRFlow Sec. 3, windows equal in sigma: the
+    same for every shift, which is checked all the same)."""
     check_num_windows(num_windows)
-    shift = check_flow_shift(shift)
-    return time_shift(torch.from_numpy(_window_times(num_windows)), shift).to(torch.float32)
+    check_flow_shift(shift)
+    return torch.from_numpy(_window_bounds(num_windows)).to(torch.float32)
 
 
-def _schedule_times(steps: int, num_windows: int) -> np.ndarray:
-    """steps unshifted times: each window's share of the steps spread evenly from its start (endpoint excluded),
-    the remainder to the noisiest windows, as the published set_timesteps spreads them; fewer steps than windows
-    are raised to one per window (logged)."""
+def _schedule_sigmas(steps: int, num_windows: int, shift: float) -> np.ndarray:
+    """steps sigmas (float64): each window's share of the steps spread evenly in the unshifted time from the
+    window's start (endpoint excluded), then shifted, the window start kept exact; the remainder to the noisiest
+    windows, as the published set_timesteps spreads them; fewer steps than windows are raised to one per window
+    (logged)."""
     if steps < num_windows:
         log.warning(
             "PeRFlow: %d steps is fewer than the %d time windows; using %d steps.", steps, num_windows, num_windows
         )
         steps = num_windows
-    bounds = _window_times(num_windows)
+    bounds = _window_bounds(num_windows)
+    times = time_unshift(bounds, shift)
     per_window = [steps // num_windows + (1 if i < steps % num_windows else 0) for i in range(num_windows)]
-    return np.concatenate(
-        [np.linspace(bounds[i], bounds[i + 1], num=n, endpoint=False) for i, n in enumerate(per_window)]
-    )
+    windows = []
+    for i, n in enumerate(per_window):
+        sigmas = time_shift(np.linspace(times[i], times[i + 1], num=n, endpoint=False), shift)
+        sigmas[0] = bounds[i]
+        windows.append(sigmas)
+    return np.concatenate(windows)
 
 
 def _check_steps(steps: int) -> int:
@@ -81,7 +96,8 @@ def _check_steps(steps: int) -> int:
 
 def flow_sigmas(steps: int, num_windows: int, shift: float, denoise: float = 1.0) -> torch.Tensor:
     """The PeRFlow sampling schedule of a flow model: strictly decreasing sigmas ending in 0, every window boundary
-    among them, steps spread over the windows as the published schedule does (PeRFlow Sec. 3), then time-shifted.
+    among them, steps spread over the windows as the published schedule does (PeRFlow Sec. 3) and inside each
+    window by the shift.
     denoise < 1 follows ComfyUI's convention, as perflow_sigmas does for SD: schedule int(steps/denoise) steps and
     keep the last steps + 1 values; img2img then starts on the model's own straight line at the first sigma.
     denoise 0 gives an empty schedule (nothing to do)."""
@@ -94,15 +110,14 @@ def flow_sigmas(steps: int, num_windows: int, shift: float, denoise: float = 1.0
     if denoise <= 0.0:
         return torch.zeros(0)
     if denoise > 0.9999:
-        return time_shift(torch.from_numpy(np.append(_schedule_times(steps, num_windows), 0.0)), shift).float()
+        return torch.from_numpy(np.append(_schedule_sigmas(steps, num_windows, shift), 0.0)).float()
     total = int(min(steps / denoise, 10**12))
     if total > _MAX_DENOISE_TOTAL:
         raise ValueError(
             f"denoise {denoise:g} at {steps} steps is too small to schedule (int(steps/denoise) = {total} steps, more "
             f"than {_MAX_DENOISE_TOTAL}); use a denoise of at least {steps / _MAX_DENOISE_TOTAL:g}, or 0 to skip"
         )
-    times = np.append(_schedule_times(total, num_windows), 0.0)[-(steps + 1) :]
-    return time_shift(torch.from_numpy(times), shift).float()
+    return torch.from_numpy(np.append(_schedule_sigmas(total, num_windows, shift), 0.0)[-(steps + 1) :]).float()
 
 
 def flow_window_index(sigma: torch.Tensor, num_windows: int, shift: float) -> torch.Tensor:

@@ -35,12 +35,11 @@ def strictly_decreasing_to_zero(s: torch.Tensor) -> bool:
 
 @PROPERTY
 @given(num_windows=windows_any, shift=shift_any)
-def test_window_sigmas_run_from_one_to_zero_and_are_the_shifted_equal_times(num_windows, shift):
+def test_window_sigmas_are_equal_in_sigma_whatever_the_shift(num_windows, shift):
     b = flow_window_sigmas(num_windows, shift)
     assert len(b) == num_windows + 1 and b[0] == 1 and strictly_decreasing_to_zero(b)
-    t = time_unshift(b.double(), shift)
     expected = 1 - torch.arange(num_windows + 1, dtype=torch.float64) / num_windows
-    assert torch.allclose(t, expected, atol=1e-6)
+    assert torch.equal(b, expected.float())
 
 
 @PROPERTY
@@ -55,16 +54,17 @@ def test_every_schedule_is_strictly_decreasing_from_its_start_to_zero(steps, num
     assert len(s) == (max(steps, num_windows) if denoise > 0.9999 else steps) + 1
     if denoise > 0.9999:
         assert s[0] == 1.0
-    else:  # ComfyUI's convention: the tail of the int(steps/denoise)-step schedule, starting near t = denoise
+    else:  # ComfyUI's convention: the tail of the int(steps/denoise)-step schedule
         total = int(steps / denoise)
         full = flow_sigmas(total, num_windows, shift) if total <= MAX_FLOW_STEPS else None
         if full is not None:
             assert torch.equal(s, full[-(steps + 1) :])
-        t0 = float(time_unshift(s[0].double(), shift))
-        if total >= num_windows:  # starts at t = denoise, rounded up by less than K steps of the full schedule
-            assert denoise - 1e-5 <= t0 <= denoise + num_windows / total + 1e-5, (t0, denoise, total)
+        s0 = float(s[0])
+        if total >= num_windows:  # windows equal in sigma: starts at most one window off sigma = denoise
+            low, high = math.floor(num_windows * denoise) - 1, math.ceil(num_windows * denoise) + 1
+            assert low / num_windows - 1e-6 <= s0 <= high / num_windows + 1e-6, (s0, denoise, total)
         else:  # the K-step schedule (one step per window) is the shortest there is
-            assert t0 == pytest.approx(steps / num_windows, abs=1e-5)
+            assert s0 == pytest.approx(steps / num_windows, abs=1e-5)
 
 
 @PROPERTY
@@ -99,9 +99,28 @@ def test_shift_is_sd3s_map_and_its_inverse():
     assert torch.equal(time_shift(t, 1.0), t)
 
 
-def test_windows_equal_in_time_move_with_the_shift():
-    assert flow_window_sigmas(4, 1.0).tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
-    assert torch.allclose(flow_window_sigmas(4, 3.0), torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0]))
+@PROPERTY
+@given(steps=steps_any, num_windows=windows_any, shift=shift_any)
+def test_the_shift_spreads_the_steps_inside_each_window_evenly_in_time(steps, num_windows, shift):
+    s = flow_sigmas(steps, num_windows, shift).double()
+    idx = flow_window_index(s[:-1].float(), num_windows, shift)
+    t = time_unshift(s, shift)
+    for k in range(num_windows):  # within a window: equal steps in t, the last one ending at the next boundary
+        window = torch.cat([t[:-1][idx == k], time_unshift(torch.tensor([1 - (k + 1) / num_windows]).double(), shift)])
+        gaps = window[:-1] - window[1:]
+        float32 = 1e-6 * max(shift, 1 / shift)  # the sigmas' float32 rounding, stretched by dt/dsigma <= this
+        assert torch.allclose(gaps, gaps.mean().expand_as(gaps), rtol=1e-4, atol=float32), (k, gaps)
+
+
+def test_windows_stay_put_and_the_steps_move_with_the_shift():
+    assert flow_window_sigmas(4, 3.0).tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert flow_sigmas(8, 4, 1.0).tolist() == [1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0]
+    s = flow_sigmas(8, 4, 3.0).double()
+    assert s[0::2].tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
+    # the second step of each window: midway between its ends in the unshifted time t = s / (3 - 2 s)
+    for k, start in enumerate((1.0, 0.75, 0.5, 0.25)):
+        mid_t = (start / (3 - 2 * start) + (start - 0.25) / (3 - 2 * (start - 0.25))) / 2
+        assert s[2 * k + 1].item() == pytest.approx(3 * mid_t / (1 + 2 * mid_t), abs=1e-6)
 
 
 def test_fewer_steps_than_windows_are_raised_and_logged(caplog):
