@@ -78,7 +78,7 @@ def test_quick_flow_benchmark(tmp_path):
         (["--teacher-kind", "diffusion", "--teacher", str(FLOW_TEACHER)], "is a flow model"),
         (["--teacher-kind", "flow", "--teacher", str(TEACHER)], "is a diffusion model"),
         (["--teacher-kind", "flow", "--phases", "main,cfg_schedule"], "cfg_schedule not run for a flow teacher"),
-        (["--teacher", "no/such/teacher.safetensors"], "not a readable toy model file"),
+        (["--teacher", "no/such/teacher.safetensors"], "toy model not found: no/such/teacher.safetensors"),
     ],
 )
 def test_kind_mismatch_is_refused(tmp_path, capsys, argv, message):

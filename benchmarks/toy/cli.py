@@ -30,7 +30,7 @@ from benchmarks.toy.targets import MAIN_MODEL, check_targets
 from training.backends.toy import ToyBackend
 from training.cli import ArgumentParser
 from training.toy_data import DEFAULT_DATA
-from training.toy_model import toy_time_kind
+from training.toy_model import load_toy_model, toy_time_kind
 
 REPO = Path(__file__).resolve().parents[2]
 TEACHERS = {  # the bundled toy teacher of each kind
@@ -71,9 +71,10 @@ def parse_args(argv=None):
         p.error(f"--threads must be at least 1, got {args.threads}")
     args.teacher = args.teacher or TEACHERS[args.teacher_kind or "diffusion"]
     try:
+        load_toy_model(args.teacher)  # its own checks of the file, each naming the problem
         kind = toy_time_kind(args.teacher)
     except (OSError, ValueError) as e:
-        p.error(f"--teacher {args.teacher}: not a readable toy model file ({e})")
+        p.error(f"--teacher: {e}")
     if args.teacher_kind not in (None, kind):
         p.error(
             f"--teacher-kind {args.teacher_kind}: the teacher {args.teacher} is a {kind} model (its metadata "
