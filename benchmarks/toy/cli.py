@@ -140,7 +140,7 @@ def main(argv=None) -> dict:
     overrides = {k: getattr(args, k) for k in KNOBS}
     b = budget_from(args.quick, overrides, args.phases, args.teacher_kind)
     reduced = b.reduced(PHASES_BY_KIND[args.teacher_kind])
-    wall0, cpu0, clock = time.perf_counter(), time.process_time(), Clock()
+    wall0, cpu0, clock, code = time.perf_counter(), time.process_time(), Clock(), commit()  # the code that runs
     backend = ToyBackend.from_files(args.teacher, args.data, torch.device(args.device))
     teacher, images, labels = backend.teacher, backend.images, backend.labels
     args.out.mkdir(parents=True, exist_ok=True)
@@ -160,8 +160,7 @@ def main(argv=None) -> dict:
     if "param" in b.phases:
         clock.run("diff_eps vs velocity", phases.param_rows, ev, teacher, students)
     if "plug_and_play" in b.phases:
-        students[MAIN_MODEL]
-        pnp = (ev, teacher, args.teacher, students.deltas[MAIN_MODEL], images, labels, b, args.threads)
+        pnp = (ev, teacher, args.teacher, students.delta(MAIN_MODEL), images, labels, b, args.threads)
         clock.run("plug-and-play", phases.plug_and_play_rows, *pnp)
     if "cost" in b.phases:
         delta = args.out / f"{MAIN_MODEL}.safetensors" if MAIN_MODEL in students.nets else None
@@ -174,7 +173,7 @@ def main(argv=None) -> dict:
     }
     meta = {
         "command": " ".join(["python -m benchmarks.toy", *(argv if argv is not None else sys.argv[1:])]),
-        "commit": commit(),
+        "commit": code,
         "machine": machine(args.threads),
         "device": args.device,
         "reduced": bool(reduced),

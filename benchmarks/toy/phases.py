@@ -56,6 +56,11 @@ class Students:
             self.nets[name] = net
         return self.nets[name]
 
+    def delta(self, name: str) -> dict[str, torch.Tensor]:
+        """The delta of a student (trained first where it is not yet)."""
+        self[name]
+        return self.deltas[name]
+
 
 def main_rows(ev: Evaluator, teacher: nn.Module, students: Students) -> None:
     """Teacher samplers (the reference solver, DDIM or flow Euler, at 1, 2, 4..8, 16, 100; DDIM `normal` spacing at 4;
@@ -145,10 +150,3 @@ def cost(ev: Evaluator, teacher: nn.Module, students: Students, b: Budget, delta
             rss.append({"file": p.name} | delta_load_memory.measure_load(p))
             print(f"  delta read {p.name}: {rss[-1]['file_mib']:.1f} MiB -> peak RSS +{rss[-1]['read_mib']:.1f} MiB")
     return {"train": train, "sampler": sampler, "delta_read": rss}
-
-
-@torch.no_grad()
-def network_seconds(teacher: nn.Module, ev: Evaluator) -> float:
-    """Measured wall seconds of one network evaluation per image at the sampling chunk size."""
-    _, secs = ev.sample(teacher, Sampler(REFERENCE[ev.kind], 2, 1.0))
-    return secs / 2 / len(ev.noise)
