@@ -60,8 +60,9 @@ def test_every_schedule_is_strictly_decreasing_from_its_start_to_zero(steps, num
         if full is not None:
             assert torch.equal(s, full[-(steps + 1) :])
         s0 = float(s[0])
-        if total >= num_windows:  # windows equal in sigma: starts at most one window off sigma = denoise
-            low, high = math.floor(num_windows * denoise) - 1, math.ceil(num_windows * denoise) + 1
+        if total >= num_windows:  # the steps fill whole windows of floor or ceil(total / K) steps from sigma 0 up
+            fewest, most = total // num_windows, -(-total // num_windows)
+            low, high = steps // most, -(-steps // fewest)
             assert low / num_windows - 1e-6 <= s0 <= high / num_windows + 1e-6, (s0, denoise, total)
         else:  # the K-step schedule (one step per window) is the shortest there is
             assert s0 == pytest.approx(steps / num_windows, abs=1e-5)
