@@ -2,9 +2,13 @@
 
 from dataclasses import asdict, dataclass, fields, replace
 
+from benchmarks.toy.sampling import FLOW_SHIFT
 from training.reflow import ReflowConfig
 
 PHASES = ("main", "cfg_schedule", "param", "plug_and_play", "cost")
+# The phases a teacher kind has: a flow teacher's rows are the main ones (its students train velocity only, and
+# per-window CFG, plug-and-play fine-tuning and the cost rows are built for the eps teacher).
+PHASES_BY_KIND = {"diffusion": PHASES, "flow": ("main",)}
 
 
 @dataclass(frozen=True)
@@ -17,6 +21,7 @@ class Recipe:
     timestep_grid: int = 1000
     sampler_point_share: float = 0.75  # the trainer's default (issue 13); 0 = published timepoint sampling
     lr_schedule: str = "cosine"
+    time_kind: str = "diffusion"  # the teacher kind it trains on ("flow": windows at sampling.FLOW_SHIFT)
 
     def reflow_config(self, solver_steps: int) -> ReflowConfig:
         """The trainer's ReflowConfig of this recipe (everything not named here at the trainer's default)."""
@@ -26,6 +31,8 @@ class Recipe:
             solver_steps=solver_steps,
             timestep_grid=self.timestep_grid,
             sampler_point_share=self.sampler_point_share,
+            time_kind=self.time_kind,
+            flow_shift=FLOW_SHIFT if self.time_kind == "flow" else 1.0,
         )
         rc.validate()
         return rc
@@ -45,6 +52,17 @@ RECIPES = {
     )
 }
 K4_RECIPES = ("perflow", "perflow-published", "perflow-grid8")  # the K = 4 rows at 4..8 steps
+# A flow teacher's students: the trainer's default recipe with the velocity parameterization on flow windows, as
+# training.train picks for a flow teacher (reflow_for_teacher), at K = 4 and K = 2.
+FLOW_RECIPES = {
+    r.name: r
+    for r in (
+        Recipe("perflow", parameterization="velocity", time_kind="flow"),
+        Recipe("perflow-K2", num_windows=2, parameterization="velocity", time_kind="flow"),
+    )
+}
+RECIPES_BY_KIND = {"diffusion": RECIPES, "flow": FLOW_RECIPES}
+K4_RECIPES_BY_KIND = {"diffusion": K4_RECIPES, "flow": ("perflow",)}
 
 
 @dataclass(frozen=True)
@@ -73,14 +91,15 @@ class Budget:
         """The iterations at which each model is scored during training."""
         return tuple(sorted({max(1, round(self.iters * (i + 1) / self.checkpoints)) for i in range(self.checkpoints)}))
 
-    def reduced(self) -> list[str]:
-        """What differs from the full run (empty for a full run): knobs as name=value, skipped phases."""
+    def reduced(self, available: tuple[str, ...] = PHASES) -> list[str]:
+        """What differs from the full run (empty for a full run): knobs as name=value, skipped phases of those
+        `available` to the teacher kind (PHASES_BY_KIND)."""
         full = Budget()
         out = [
             f"{f.name}={getattr(self, f.name)}" for f in fields(self) if getattr(self, f.name) != getattr(full, f.name)
         ]
         return [x for x in out if not x.startswith("phases=")] + [
-            f"{p} skipped" for p in PHASES if p not in self.phases
+            f"{p} skipped" for p in available if p not in self.phases
         ]
 
     def as_dict(self) -> dict:
@@ -114,9 +133,9 @@ KNOBS = (
 )
 
 
-def budget_from(quick: bool, overrides: dict, phases: tuple[str, ...] | None) -> Budget:
-    """The full (or quick) budget with the command line's knobs (None = unchanged) and phase selection."""
+def budget_from(quick: bool, overrides: dict, phases: tuple[str, ...] | None, kind: str = "diffusion") -> Budget:
+    """The full (or quick) budget with the command line's knobs (None = unchanged) and phase selection (default:
+    every phase of the teacher kind)."""
     b = replace(QUICK if quick else Budget(), **{k: v for k, v in overrides.items() if v is not None})
-    if phases is not None:
-        b = replace(b, phases=phases)
+    b = replace(b, phases=PHASES_BY_KIND[kind] if phases is None else phases)
     return replace(b, trend_n=min(b.trend_n, b.n))

@@ -1,9 +1,13 @@
 """PeRFlow toy benchmark: few-step quality against the teacher's samplers, plug-and-play, CFG, cost.
 
-Usage: python -m benchmarks.toy --out DIR [--quick] [--teacher FILE --data FILE] [budget knobs] [--phases ...]
+Usage: python -m benchmarks.toy --out DIR [--quick] [--teacher FILE --data FILE] [--teacher-kind flow] [budget knobs]
+       [--phases ...]
 
-Every row samples the same fixed noises and labels. Paired MSE is measured against the row's base model (teacher or
-fine-tune) sampled with its reference solver (100-step DDIM) from the same noise at the same CFG; Frechet distances
+The teacher kind (diffusion: an eps teacher, sampled with DDIM / DPM++; flow: a flow-matching teacher, sampled with
+its own Euler / Heun steps) is read from the teacher file's metadata (time_kind); --teacher-kind must agree with it
+and, without --teacher, picks the bundled teacher of that kind. Every row samples the same fixed noises and labels.
+Paired MSE is measured against the row's base model (teacher or fine-tune) sampled with its reference solver
+(100-step DDIM, or 100-step Euler for a flow teacher) from the same noise at the same CFG; Frechet distances
 use the features of a small classifier trained on the real data. Every trained model gets the same iterations;
 training time is process CPU time. Writes results.json (with a meta block), results.md, plots and grids to --out.
 """
@@ -18,17 +22,21 @@ from pathlib import Path
 import torch
 
 from benchmarks.toy import phases, report
-from benchmarks.toy.budget import KNOBS, PHASES, RECIPES, budget_from
+from benchmarks.toy.budget import KNOBS, PHASES, PHASES_BY_KIND, RECIPES_BY_KIND, budget_from
 from benchmarks.toy.evaluate import Evaluator
 from benchmarks.toy.metrics import load_classifier
-from benchmarks.toy.sampling import REFERENCE, TEACHER_KINDS
+from benchmarks.toy.sampling import FLOW_SHIFT, REFERENCE, TEACHER_KINDS
 from benchmarks.toy.targets import MAIN_MODEL, check_targets
 from training.backends.toy import ToyBackend
 from training.cli import ArgumentParser
 from training.toy_data import DEFAULT_DATA
+from training.toy_model import load_toy_model, toy_time_kind
 
 REPO = Path(__file__).resolve().parents[2]
-TEACHER = REPO / "training" / "teacher" / "toy_teacher.safetensors"
+TEACHERS = {  # the bundled toy teacher of each kind
+    "diffusion": REPO / "training" / "teacher" / "toy_teacher.safetensors",
+    "flow": REPO / "training" / "teacher" / "toy_flow_teacher.safetensors",
+}
 
 
 def parse_args(argv=None):
@@ -39,8 +47,16 @@ def parse_args(argv=None):
     p.add_argument("--cache", type=Path, default=None, help="references and classifier (default: <out>/cache)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 by default)")
-    p.add_argument("--teacher", type=Path, default=TEACHER, help="a toy model file (training/toy_model.py)")
-    p.add_argument("--teacher-kind", choices=TEACHER_KINDS, default="diffusion", help="picks the teacher's samplers")
+    p.add_argument(
+        "--teacher", type=Path, default=None, help="a toy model file (default: the bundled teacher of --teacher-kind)"
+    )
+    p.add_argument(
+        "--teacher-kind",
+        choices=TEACHER_KINDS,
+        default=None,
+        help="the teacher's kind, which picks its samplers; read from the teacher file's metadata time_kind, "
+        "so the flag checks it (a mismatch is refused) and picks the bundled teacher when --teacher is left out",
+    )
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="an .npz of uint8 images and labels")
     p.add_argument("--phases", default=None, help=f"comma-separated subset of {','.join(PHASES)} (default: all)")
     for knob in KNOBS:
@@ -53,11 +69,29 @@ def parse_args(argv=None):
             p.error(f"--{knob.replace('_', '-')} must be positive, got {value}")
     if args.threads < 1:
         p.error(f"--threads must be at least 1, got {args.threads}")
+    args.teacher = args.teacher or TEACHERS[args.teacher_kind or "diffusion"]
+    try:
+        load_toy_model(args.teacher)  # its own checks of the file, each naming the problem
+        kind = toy_time_kind(args.teacher)
+    except (OSError, ValueError) as e:
+        p.error(f"--teacher: {e}")
+    if args.teacher_kind not in (None, kind):
+        p.error(
+            f"--teacher-kind {args.teacher_kind}: the teacher {args.teacher} is a {kind} model (its metadata "
+            f"time_kind); pass --teacher-kind {kind} or leave it out, or give a {args.teacher_kind} teacher file"
+        )
+    args.teacher_kind = kind
     if args.phases is not None:
         args.phases = tuple(x for x in args.phases.split(",") if x)
         unknown = [x for x in args.phases if x not in PHASES]
         if unknown:
             p.error(f"--phases: unknown {', '.join(unknown)}; choose from {', '.join(PHASES)}")
+        other = [x for x in args.phases if x not in PHASES_BY_KIND[kind]]
+        if other:
+            p.error(
+                f"--phases: {', '.join(other)} not run for a {kind} teacher; "
+                f"choose from {', '.join(PHASES_BY_KIND[kind])}"
+            )
     if args.out.exists() and not args.out.is_dir():
         p.error(f"--out {args.out} is a file; give a folder")
     args.cache = args.cache or args.out / "cache"
@@ -104,13 +138,14 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     overrides = {k: getattr(args, k) for k in KNOBS}
-    b = budget_from(args.quick, overrides, args.phases)
+    b = budget_from(args.quick, overrides, args.phases, args.teacher_kind)
+    reduced = b.reduced(PHASES_BY_KIND[args.teacher_kind])
     wall0, cpu0, clock, code = time.perf_counter(), time.process_time(), Clock(), commit()  # the code that runs
     backend = ToyBackend.from_files(args.teacher, args.data, torch.device(args.device))
     teacher, images, labels = backend.teacher, backend.images, backend.labels
     args.out.mkdir(parents=True, exist_ok=True)
     args.cache.mkdir(parents=True, exist_ok=True)
-    print(f"budget: {b.as_dict()}" + (f"; REDUCED: {', '.join(b.reduced())}" if b.reduced() else "; full run"))
+    print(f"budget: {b.as_dict()}" + (f"; REDUCED: {', '.join(reduced)}" if reduced else "; full run"))
     clf, clf_acc = clock.run(
         "classifier", load_classifier, args.cache, args.data, images, labels, b.classifier_epochs, args.device
     )
@@ -131,17 +166,18 @@ def main(argv=None) -> dict:
         delta = args.out / f"{MAIN_MODEL}.safetensors" if MAIN_MODEL in students.nets else None
         cost = clock.run("cost", phases.cost, ev, teacher, students, b, delta)
     print("targets (reported, not asserted)")
-    targets = check_targets(ev.records, students.trend)
+    targets = check_targets(ev.records, students.trend, args.teacher_kind)
+    by_name = RECIPES_BY_KIND[args.teacher_kind]
     recipes = {
-        n: RECIPES[n].__dict__ | {"reflow": RECIPES[n].reflow_config(b.solver_steps).as_dict()} for n in students.nets
+        n: by_name[n].__dict__ | {"reflow": by_name[n].reflow_config(b.solver_steps).as_dict()} for n in students.nets
     }
     meta = {
         "command": " ".join(["python -m benchmarks.toy", *(argv if argv is not None else sys.argv[1:])]),
         "commit": code,
         "machine": machine(args.threads),
         "device": args.device,
-        "reduced": bool(b.reduced()),
-        "reduced_by": b.reduced(),
+        "reduced": bool(reduced),
+        "reduced_by": reduced,
         "budget": b.as_dict(),
         "time_grid": "published 1/1000 (t = i/1000) for every recipe but perflow-grid8 (1/8); the trainer's default "
         "puts sampler_point_share of the timepoints on the PeRFlow sampler's own points for sampler_point_steps",
@@ -157,6 +193,7 @@ def main(argv=None) -> dict:
         "data": str(args.data),
         "teacher": str(args.teacher),
         "teacher_kind": args.teacher_kind,
+        **({"flow_shift": FLOW_SHIFT} if args.teacher_kind == "flow" else {}),
         "reference": f"{REFERENCE[args.teacher_kind]}-{b.ref_steps}",
         "seed": args.seed,
         "classifier_acc": clf_acc,

@@ -44,7 +44,7 @@ def train_student(
     (time.process_time, independent of other jobs on the machine) and wall time of the steps alone; at each of
     b.checkpoint_iters() on_checkpoint(iteration, times so far, EMA student) is called outside the clock."""
     device = next(teacher.parameters()).device
-    backend = ToyBackend(teacher, images, labels, device)
+    backend = ToyBackend(teacher, images, labels, device, time_kind=recipe.time_kind)
     engine = ReflowEngine(
         Accelerator(cpu=device.type == "cpu"), backend, recipe.reflow_config(b.solver_steps), batch_size=b.batch,
         lr=b.lr, warmup=b.warmup, lr_schedule=recipe.lr_schedule, total_steps=iters, ema_decay=b.ema, seed=seed,

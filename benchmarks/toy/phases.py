@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from benchmarks import delta_load_memory, sampler_overhead
-from benchmarks.toy.budget import K4_RECIPES, RECIPES, Budget, Recipe
+from benchmarks.toy.budget import K4_RECIPES_BY_KIND, RECIPES_BY_KIND, Budget, Recipe
 from benchmarks.toy.evaluate import Evaluator
 from benchmarks.toy.metrics import features
 from benchmarks.toy.models import apply_delta, finetune, save_student, thicken, train_student
@@ -34,7 +34,7 @@ class Students:
 
     def __getitem__(self, name: str) -> nn.Module:
         if name not in self.nets:
-            recipe = RECIPES[name]
+            recipe = RECIPES_BY_KIND[self.ev.kind][name]
             print(f"training {name}: {recipe}, {self.b.iters} iterations")
 
             def checkpoint(it: int, times: dict, student: nn.Module) -> None:
@@ -63,16 +63,18 @@ class Students:
 
 
 def main_rows(ev: Evaluator, teacher: nn.Module, students: Students) -> None:
-    """Teacher samplers (DDIM 1, 2, 4..8, 16, 100; DDIM `normal` spacing at 4; DPM-Solver++(2M) 4..8), the untrained
+    """Teacher samplers (the reference solver, DDIM or flow Euler, at 1, 2, 4..8, 16, 100; DDIM `normal` spacing at 4;
+    DPM-Solver++(2M) 4..8; flow Heun at 2, 3, 4 = 3, 5, 7 evaluations, around the 4 of a 4-step row), the untrained
     teacher through PeRFlow-4, every K = 4 recipe at 4..8 steps and K = 2 at 2, each at CFG 1 and 2.5, paired
     against the teacher's reference."""
     for cfg in CFGS:
         for name in TEACHER_SAMPLERS[ev.kind]:
-            counts = {REFERENCE[ev.kind]: (1, 2, *STEPS, 16, ev.ref_steps), "ddim-normal": (4,)}.get(name, STEPS)
+            counts = {REFERENCE[ev.kind]: (1, 2, *STEPS, 16, ev.ref_steps), "ddim-normal": (4,), "heun": (2, 3, 4)}
+            counts = counts.get(name, STEPS)
             for steps in counts:
                 ev.row("main", "teacher", teacher, Sampler(name, steps, cfg), teacher)
         ev.row("main", "teacher (no delta)", teacher, Sampler("perflow", 4, cfg), teacher)
-        for name in K4_RECIPES:
+        for name in K4_RECIPES_BY_KIND[ev.kind]:
             for steps in STEPS:
                 ev.row("main", name, students[name], Sampler("perflow", steps, cfg), teacher)
         ev.row("main", "perflow-K2", students["perflow-K2"], Sampler("perflow", 2, cfg, num_windows=2), teacher)

@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from benchmarks.toy.budget import K4_RECIPES
+from benchmarks.toy.budget import K4_RECIPES_BY_KIND
 from training.preview import save_grid
 
 COLS = ["group", "model", "sampler", "steps", "cfg", "nfe", "paired_mse", "fd_ref", "fd_real", "acc", "seconds"]
@@ -33,7 +33,8 @@ def write_results(out: Path, res: dict) -> None:
     ]
     lines += ["", "Time grid: " + meta["time_grid"], "", "## Rows", ""]
     lines += md_table(COLS, [[r[c] for c in COLS] for r in res["records"]])
-    lines += ["", "## Training trend (PeRFlow at K steps, CFG 1, first trend_n noises; ratio to teacher DDIM-K)", ""]
+    base = reference_name(meta)
+    lines += ["", f"## Training trend (PeRFlow at K steps, CFG 1, first trend_n noises; ratio to teacher {base}-K)", ""]
     lines += md_table(TREND_COLS, [[p[c] for c in TREND_COLS] for p in res["trend"]])
     if res["cost"]:
         c = res["cost"]
@@ -48,10 +49,16 @@ def write_results(out: Path, res: dict) -> None:
         )
         keys = ["file", "file_mib", "read_mib", "peak_rss_mib"]
         lines += [""] + md_table(keys, [[d[k] for k in keys] for d in c["delta_read"]])
-    lines += ["", "## Targets (issue 13 section 3, issue 5)", ""]
+    issue = "issue 14 section 3, issue 5" if meta["teacher_kind"] == "flow" else "issue 13 section 3, issue 5"
+    lines += ["", f"## Targets ({issue})", ""]
     verdict = {True: "PASS", False: "MISS", None: "SKIP"}
     lines += [f"- {verdict[t['pass']]} {t['target']}: {t['detail']}" for t in res["targets"]]
     (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def reference_name(meta: dict) -> str:
+    """The teacher's reference solver as named in the tables: DDIM, or Euler for a flow teacher."""
+    return {"ddim": "DDIM", "euler": "Euler"}[meta["reference"].rsplit("-", 1)[0]]
 
 
 def write_grids(out: Path, images: dict) -> None:
@@ -64,7 +71,8 @@ def write_grids(out: Path, images: dict) -> None:
 
 def write_plots(out: Path, res: dict) -> list[str]:
     """error_vs_time.png (trend per recipe against process CPU seconds) and error_vs_steps.png (paired error at 4..8
-    steps, CFG 1 and 2.5); returns the files written (none without matplotlib)."""
+    steps, CFG 1 and 2.5; a flow teacher: every step count below the reference, against network evaluations per
+    guidance pass); returns the files written (none without matplotlib)."""
     try:
         import matplotlib
 
@@ -80,7 +88,7 @@ def write_plots(out: Path, res: dict) -> list[str]:
     for k in sorted({p["teacher_mse"] for p in res["trend"]}):
         ax.axhline(k, color="gray", ls="--", lw=0.8)
     ax.set(yscale="log", xlabel="training time (process CPU s)", ylabel="PeRFlow-K paired MSE (CFG 1)")
-    ax.set_title("error vs training time; dashed: teacher DDIM at K steps", fontsize=9)
+    ax.set_title(f"error vs training time; dashed: teacher {reference_name(res['meta'])} at K steps", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -88,16 +96,25 @@ def write_plots(out: Path, res: dict) -> list[str]:
     plt.close(fig)
     cfgs = sorted({r["cfg"] for r in res["records"] if r["group"] == "main"})
     fig, axes = plt.subplots(1, len(cfgs), figsize=(6 * len(cfgs), 4.5), squeeze=False)
-    lines = [(m, "perflow-K4") for m in K4_RECIPES] + [("teacher", "ddim"), ("teacher", "dpmpp_2m")]
+    kind = res["meta"]["teacher_kind"]
+    lines = [(m, "perflow-K4") for m in K4_RECIPES_BY_KIND[kind]]
     names = {"perflow": "PeRFlow, default recipe", "perflow-published": "PeRFlow, published recipe"}
     names |= {"perflow-grid8": "PeRFlow, 1/8-grid model", "ddim": "teacher DDIM", "dpmpp_2m": "teacher DPM++(2M)"}
+    if kind == "flow":  # x = evaluations per guidance pass: steps, or Heun's 2 per step but the last
+        lines += [("perflow-K2", "perflow-K2"), ("teacher", "euler"), ("teacher", "heun")]
+        names |= {"perflow": "PeRFlow K=4", "perflow-K2": "PeRFlow K=2", "euler": "teacher Euler"}
+        names |= {"heun": "teacher Heun"}
+        ref_steps = res["meta"]["budget"]["ref_steps"]
+        x_of, kept = (lambda r: r["nfe"] // (1 if r["cfg"] == 1.0 else 2)), (lambda r: r["steps"] < ref_steps)
+    else:
+        lines += [("teacher", "ddim"), ("teacher", "dpmpp_2m")]
+        x_of, kept = (lambda r: r["steps"]), (lambda r: 4 <= r["steps"] <= 8)
     for ax, cfg in zip(axes[0], cfgs, strict=True):
         for model, sampler in lines:
             pts = sorted(
-                (r["steps"], r["paired_mse"])
+                (x_of(r), r["paired_mse"])
                 for r in res["records"]
-                if (r["group"], r["model"], r["sampler"], r["cfg"]) == ("main", model, sampler, cfg)
-                and 4 <= r["steps"] <= 8
+                if (r["group"], r["model"], r["sampler"], r["cfg"]) == ("main", model, sampler, cfg) and kept(r)
             )
             if pts:
                 ax.plot(
@@ -106,9 +123,10 @@ def write_plots(out: Path, res: dict) -> list[str]:
                     ls="--" if model == "teacher" else "-",
                     label=names.get(model, names.get(sampler)),
                 )
-        ax.set(
-            yscale="log", xlabel="sampling steps", ylabel="paired MSE to the teacher's reference", title=f"CFG {cfg:g}"
-        )
+        xlabel = "network evaluations per guidance pass (= steps but for Heun)" if kind == "flow" else "sampling steps"
+        ax.set(yscale="log", xlabel=xlabel, ylabel="paired MSE to the teacher's reference", title=f"CFG {cfg:g}")
+        if kind == "flow":
+            ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
