@@ -98,11 +98,15 @@ def parse_args(argv=None):
     return args
 
 
-def commit() -> str:
-    """The checked-out commit, '+dirty' with uncommitted changes to tracked files ('unknown' outside git)."""
+def commit(out: Path) -> str:
+    """The checked-out commit, '+dirty' with uncommitted changes to tracked files outside the run's own --out folder
+    (a rerun into a committed results folder is not a code change; 'unknown' outside git)."""
+    exclude = [f":(exclude){out.resolve().relative_to(REPO)}"] if out.resolve().is_relative_to(REPO) else []
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
-        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], capture_output=True, text=True, cwd=REPO)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "-uno", "--", ".", *exclude], capture_output=True, text=True, cwd=REPO
+        )
     except OSError:
         return "unknown"
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else "unknown"
@@ -140,7 +144,7 @@ def main(argv=None) -> dict:
     overrides = {k: getattr(args, k) for k in KNOBS}
     b = budget_from(args.quick, overrides, args.phases, args.teacher_kind)
     reduced = b.reduced(PHASES_BY_KIND[args.teacher_kind])
-    wall0, cpu0, clock, code = time.perf_counter(), time.process_time(), Clock(), commit()  # the code that runs
+    wall0, cpu0, clock, code = time.perf_counter(), time.process_time(), Clock(), commit(args.out)  # the code that runs
     backend = ToyBackend.from_files(args.teacher, args.data, torch.device(args.device))
     teacher, images, labels = backend.teacher, backend.images, backend.labels
     args.out.mkdir(parents=True, exist_ok=True)
