@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from benchmarks.toy import report
 from benchmarks.toy.budget import PHASES, Budget, budget_from
 from benchmarks.toy.models import thicken
 
@@ -138,3 +139,14 @@ def test_budget_below_the_full_run_is_labelled_reduced():
     assert "n=50" in budget_from(False, {"n": 50}, None).reduced()
     assert budget_from(False, {}, PHASES[:1]).reduced() == [f"{p} skipped" for p in PHASES[1:]]
     assert budget_from(True, {}, None).reduced()
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("matplotlib"), reason="matplotlib not installed")
+def test_plots_of_a_run_without_the_main_phase(tmp_path):
+    """`--phases plug_and_play` trains one model (a trend) and scores no main rows: the trend plot is written and the
+    step-count plot, which has nothing to show, is skipped instead of failing the run after its results."""
+    trend = [{"recipe": "perflow", "iteration": i, "cpu_seconds": 10.0 * i, "paired_mse": 0.1 / i, "teacher_mse": 0.05}
+             for i in (1, 2)]  # fmt: skip
+    records = [{"group": "plug_and_play", "model": "finetune", "sampler": "ddim", "steps": 4, "cfg": 1.0}]
+    assert report.write_plots(tmp_path, {"trend": trend, "records": records}) == ["error_vs_time.png"]
+    assert (tmp_path / "error_vs_time.png").is_file() and not (tmp_path / "error_vs_steps.png").exists()

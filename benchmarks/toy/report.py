@@ -71,8 +71,8 @@ def write_grids(out: Path, images: dict) -> None:
 
 def write_plots(out: Path, res: dict) -> list[str]:
     """error_vs_time.png (trend per recipe against process CPU seconds) and error_vs_steps.png (paired error at 4..8
-    steps, CFG 1 and 2.5; a flow teacher: every step count below the reference, against network evaluations per
-    guidance pass); returns the files written (none without matplotlib)."""
+    steps, CFG 1 and 2.5, when the main phase ran; a flow teacher: every step count below the reference, against
+    network evaluations per guidance pass); returns the files written (none without matplotlib)."""
     try:
         import matplotlib
 
@@ -95,6 +95,8 @@ def write_plots(out: Path, res: dict) -> list[str]:
     fig.savefig(out / "error_vs_time.png", dpi=110)
     plt.close(fig)
     cfgs = sorted({r["cfg"] for r in res["records"] if r["group"] == "main"})
+    if not cfgs:  # a run without the main phase has no step-count rows to plot
+        return ["error_vs_time.png"]
     fig, axes = plt.subplots(1, len(cfgs), figsize=(6 * len(cfgs), 4.5), squeeze=False)
     kind = res["meta"]["teacher_kind"]
     lines = [(m, "perflow-K4") for m in K4_RECIPES_BY_KIND[kind]]
