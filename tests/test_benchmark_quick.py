@@ -148,5 +148,6 @@ def test_plots_of_a_run_without_the_main_phase(tmp_path):
     trend = [{"recipe": "perflow", "iteration": i, "cpu_seconds": 10.0 * i, "paired_mse": 0.1 / i, "teacher_mse": 0.05}
              for i in (1, 2)]  # fmt: skip
     records = [{"group": "plug_and_play", "model": "finetune", "sampler": "ddim", "steps": 4, "cfg": 1.0}]
-    assert report.write_plots(tmp_path, {"trend": trend, "records": records}) == ["error_vs_time.png"]
+    meta = {"teacher_kind": "diffusion", "reference": "ddim-100"}
+    assert report.write_plots(tmp_path, {"trend": trend, "records": records, "meta": meta}) == ["error_vs_time.png"]
     assert (tmp_path / "error_vs_time.png").is_file() and not (tmp_path / "error_vs_steps.png").exists()
