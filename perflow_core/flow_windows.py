@@ -18,15 +18,11 @@ PeRFlow-4 0.00261), so this shows robustness to a shift that does not suit the m
 (unmeasured); sigma windows also keep a trained file's windows independent of Flux's resolution-dependent shift.
 """
 
-import logging
-
 import numpy as np
 import torch
 
 from .number_parsing import finite
-from .windows import check_num_windows
-
-log = logging.getLogger("perflow")
+from .windows import check_denoise, check_num_windows, steps_per_window
 
 MAX_FLOW_STEPS = 1000  # the most sampling steps a flow schedule accepts (ComfyUI's flow samplings have 1000 sigmas)
 MIN_FLOW_SHIFT, MAX_FLOW_SHIFT = 0.01, 100.0  # SD3 uses 3, Flux e^mu ~1.2..3.2, video models up to ~17
@@ -73,14 +69,9 @@ def _schedule_sigmas(steps: int, num_windows: int, shift: float) -> np.ndarray:
     window's start (endpoint excluded), then shifted, the window start kept exact; the remainder to the noisiest
     windows, as the published set_timesteps spreads them; fewer steps than windows are raised to one per window
     (logged)."""
-    if steps < num_windows:
-        log.warning(
-            "PeRFlow: %d steps is fewer than the %d time windows; using %d steps.", steps, num_windows, num_windows
-        )
-        steps = num_windows
     bounds = _window_bounds(num_windows)
     times = time_unshift(bounds, shift)
-    per_window = [steps // num_windows + (1 if i < steps % num_windows else 0) for i in range(num_windows)]
+    per_window = steps_per_window(steps, num_windows)
     windows = []
     for i, n in enumerate(per_window):
         sigmas = time_shift(np.linspace(times[i], times[i + 1], num=n, endpoint=False), shift)
@@ -105,9 +96,7 @@ def flow_sigmas(steps: int, num_windows: int, shift: float, denoise: float = 1.0
     _check_steps(steps)
     check_num_windows(num_windows)
     shift = check_flow_shift(shift)
-    denoise = finite(denoise, "denoise")
-    if not 0.0 <= denoise <= 1.0:
-        raise ValueError(f"denoise must be in [0, 1], got {denoise}")
+    denoise = check_denoise(denoise)
     if denoise <= 0.0:
         return torch.zeros(0)
     if denoise > 0.9999:

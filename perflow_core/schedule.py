@@ -7,8 +7,14 @@ import numpy as np
 import torch
 
 from .flow_windows import flow_sigmas
-from .number_parsing import finite
-from .windows import DEFAULT_NUM_WINDOWS, NUM_TRAIN_TIMESTEPS, check_num_windows, time_windows
+from .windows import (
+    DEFAULT_NUM_WINDOWS,
+    NUM_TRAIN_TIMESTEPS,
+    check_denoise,
+    check_num_windows,
+    steps_per_window,
+    time_windows,
+)
 
 log = logging.getLogger("perflow")
 
@@ -46,12 +52,8 @@ def perflow_timesteps(steps: int, num_windows: int = DEFAULT_NUM_WINDOWS) -> np.
     _check_steps(steps)
     tops = _window_tops(num_windows)
     starts, ends = time_windows(num_windows)
-    if steps < num_windows:
-        log.warning(
-            "PeRFlow: %d steps is fewer than the %d time windows; using %d steps.", steps, num_windows, num_windows
-        )
-        steps = num_windows
-    per_window = [steps // num_windows + (1 if i < steps % num_windows else 0) for i in range(num_windows)]
+    per_window = steps_per_window(steps, num_windows)
+    steps = sum(per_window)  # raised to one per window where fewer
     capacity = [top - below for top, below in zip(tops, tops[1:] + [0], strict=True)]
     if all(n <= c for n, c in zip(per_window, capacity, strict=True)):
         t = np.concatenate(
@@ -95,9 +97,7 @@ def perflow_sigmas(steps: int, num_windows: int = DEFAULT_NUM_WINDOWS, denoise: 
     to do); a denoise below the finest timestep 0.001 is refused."""
     _check_steps(steps)
     check_num_windows(num_windows)
-    denoise = finite(denoise, "denoise")
-    if not 0.0 <= denoise <= 1.0:
-        raise ValueError(f"denoise must be in [0, 1], got {denoise}")
+    denoise = check_denoise(denoise)
     if denoise <= 0.0:
         return torch.zeros(0)
     if denoise > 0.9999:

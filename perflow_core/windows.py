@@ -1,8 +1,11 @@
 """Time windows: PeRFlow cuts t in [0, 1] (t = 1 is noise) into K equal windows, noisiest first."""
 
+import logging
 from functools import lru_cache
 
 import torch
+
+from .number_parsing import finite
 
 NUM_TRAIN_TIMESTEPS = 1000
 DEFAULT_NUM_WINDOWS = 4  # the published PeRFlow models
@@ -19,6 +22,25 @@ def check_num_windows(num_windows: int) -> int:
             f"{DEFAULT_NUM_WINDOWS}), got {num_windows!r}"
         )
     return num_windows
+
+
+def check_denoise(denoise: float) -> float:
+    """denoise as a finite float in [0, 1] (ComfyUI's img2img strength), else ValueError."""
+    denoise = finite(denoise, "denoise")
+    if not 0.0 <= denoise <= 1.0:
+        raise ValueError(f"denoise must be in [0, 1], got {denoise}")
+    return denoise
+
+
+def steps_per_window(steps: int, num_windows: int) -> list[int]:
+    """Sampling steps per window, noisiest first: an equal share, the remainder to the noisiest windows (SP
+    set_timesteps); fewer steps than windows are raised to one per window (logged on "perflow")."""
+    if steps < num_windows:
+        logging.getLogger("perflow").warning(
+            "PeRFlow: %d steps is fewer than the %d time windows; using %d steps.", steps, num_windows, num_windows
+        )
+        steps = num_windows
+    return [steps // num_windows + (1 if i < steps % num_windows else 0) for i in range(num_windows)]
 
 
 def time_windows(num_windows: int) -> tuple[list[float], list[float]]:
